@@ -1,0 +1,279 @@
+"""Typed configuration: one dataclass per component, used as the Hydra schema and by `icar.train.run`.
+
+A misspelt key or a wrong type fails when the config is composed (OmegaConf struct mode); `validate` then
+checks the values, so that a bad run stops before training with one line naming the key and what is allowed.
+Model and data code receive these dataclasses and never import Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class Family(str, Enum):
+    """Context-matrix families of PAPER.md section 1."""
+
+    orthogonal = "orthogonal"  # Haar on O(d), non-commuting
+    commuting = "commuting"  # Q diag(R_theta_1, ..., R_theta_{d/2}) Q^T with one shared Q
+    unitary = "unitary"  # diag(exp(i theta)), complex tensors
+
+
+class Start(str, Enum):
+    """How s_1 is drawn."""
+
+    fixed = "fixed"  # 1_d / sqrt(d) for every sequence (the authors' experiments)
+    ones = "ones"  # 1_d: every coordinate of modulus 1 (the theory of claims 2 and 3)
+    sphere = "sphere"  # uniform on the unit sphere
+    phase = "phase"  # unit-modulus coordinates with random phases (claim 1)
+
+
+class Basis(str, Enum):
+    """The shared basis Q of the commuting family."""
+
+    random = "random"  # Haar, drawn once from data.basis_seed
+    identity = "identity"  # canonical 2x2 rotation blocks
+
+
+class Tokens(str, Enum):
+    augmented = "augmented"  # e_t = (0_d, s_t, s_{t-1})
+    raw = "raw"  # e_t = s_t
+
+
+class Arch(str, Enum):
+    transformer = "transformer"
+    diagonal = "diagonal"  # the reduced (A, B, P) model of Figure 3
+
+
+class Attention(str, Enum):
+    linear = "linear"
+    softmax = "softmax"
+
+
+class Positional(str, Enum):
+    none = "none"
+    multiplicative = "multiplicative"  # attention weights times a learned T x T matrix P
+    softmax_positional = "softmax_positional"  # weights times softmax of learned positional scores (Figure 7)
+    additive = "additive"  # learned positional embedding added to the input tokens
+
+
+class Embedding(str, Enum):
+    repeat = "repeat"  # tile the token to d_model (identity when the widths agree), as the authors do
+    linear = "linear"  # learned linear map
+
+
+class Readout(str, Enum):
+    auto = "auto"  # block for augmented tokens, linear otherwise
+    block = "block"  # the first d coordinates of the residual stream (the zero block of e_t)
+    linear = "linear"  # learned linear map d_model -> d
+
+
+class LossOn(str, Enum):
+    all = "all"  # mean over every predicted position
+    last = "last"  # the last position only
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class LoggerKind(str, Enum):
+    wandb = "wandb"
+    csv = "csv"
+    none = "none"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online when an API key is configured, offline otherwise
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class DataConfig:
+    family: Family = Family.orthogonal
+    d: int = 5
+    T: int = 20  # context length: the model sees s_1..s_T and predicts s_2..s_{T+1}
+    mu: float = 1.0  # angle scale: theta / mu (commuting and unitary families)
+    sigma: float = 0.0  # additive noise s_{t+1} = W s_t + sigma eps_t
+    start: Start = Start.fixed
+    basis: Basis = Basis.random
+    basis_seed: int = 0
+    tokens: Tokens = Tokens.augmented
+    batch_size: int = 256  # per device
+    val_size: int = 1024
+    val_seed: int = 20240205  # the validation set is the same for every training seed
+    num_workers: int = 0  # 0: sample on the training device in the main process
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = Arch.transformer
+    n_layers: int = 1
+    n_heads: int = 1
+    head_dim: int = 0  # 0: d_model
+    d_model: int = 0  # 0: the token width (3d augmented, d raw; doubled for complex data)
+    attention: Attention = Attention.linear
+    positional: Positional = Positional.none
+    embedding: Embedding = Embedding.repeat
+    readout: Readout = Readout.auto
+    layernorm: bool = True  # LayerNorm on each attention layer's output, as in the authors' scripts
+    residual: bool = True
+    bias: bool = False
+    init_std: float = 0.1  # diagonal model: std of the Gaussian initialisation of A, B, P
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Schedule = Schedule.constant
+    min_lr_ratio: float = 0.0  # cosine schedule floor, as a fraction of lr
+    grad_clip: float = 0.0  # 0: off
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
+    devices: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | ...
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_steps: int = 1000
+    val_check_interval: int = 100  # validate (and checkpoint) every this many training steps
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.wandb
+    project: str = "icar"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: WandbMode = WandbMode.auto
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    seed: int = 0
+    loss_on: LossOn = LossOn.all
+    run_dir: Optional[str] = None  # None: the current directory
+    ckpt_path: Optional[str] = None  # resume from this checkpoint
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+class ConfigError(ValueError):
+    """A config value outside what is allowed; the message names the key and the allowed values."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def to_dataclass(cfg: DictConfig | TrainConfig | dict[str, Any]) -> TrainConfig:
+    """Merge `cfg` onto the schema (type-checking every key) and return a `TrainConfig` object."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def to_plain_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain Python values (enums as strings): what W&B and config.yaml record."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore
+
+
+def available_devices(accelerator: str) -> tuple[str, int]:
+    """The accelerator `auto` resolves to here, and how many devices of it this machine has."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "gpu", torch.cuda.device_count()
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return "mps", int(torch.backends.mps.is_available())
+    return "cpu", os.cpu_count() or 1
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check values (not just types): raise ConfigError with one line naming the key and what is allowed."""
+    m, dt, o, tr = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    _require(dt.d >= 1, f"data.d must be >= 1, got {dt.d}")
+    _require(dt.T >= 2, f"data.T must be >= 2 (context length), got {dt.T}")
+    _require(dt.mu > 0, f"data.mu must be > 0, got {dt.mu}")
+    _require(dt.sigma >= 0, f"data.sigma must be >= 0, got {dt.sigma}")
+    _require(dt.batch_size >= 1, f"data.batch_size must be >= 1, got {dt.batch_size}")
+    _require(dt.val_size >= 1, f"data.val_size must be >= 1, got {dt.val_size}")
+    _require(dt.num_workers >= 0, f"data.num_workers must be >= 0, got {dt.num_workers}")
+    _require(
+        dt.family != Family.commuting or dt.d % 2 == 0,
+        f"data.d must be even for data.family=commuting (2x2 rotation blocks), got {dt.d}",
+    )
+    _require(
+        dt.family != Family.orthogonal or dt.mu == 1.0,
+        f"data.mu applies to the commuting and unitary families only; set data.mu=1 for orthogonal, got {dt.mu}",
+    )
+    _require(
+        dt.start != Start.phase or dt.family == Family.unitary or dt.d % 2 == 0,
+        f"data.start=phase needs an even data.d for real families (one phase per 2x2 block), got {dt.d}",
+    )
+    _require(m.n_layers >= 1, f"model.n_layers must be >= 1, got {m.n_layers}")
+    _require(m.n_heads >= 1, f"model.n_heads must be >= 1, got {m.n_heads}")
+    _require(m.head_dim >= 0, f"model.head_dim must be >= 1 (or 0 for d_model), got {m.head_dim}")
+    _require(m.d_model >= 0, f"model.d_model must be >= 1 (or 0 for the token width), got {m.d_model}")
+    _require(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
+    if m.arch == Arch.diagonal:
+        _require(
+            dt.tokens == Tokens.raw,
+            "model.arch=diagonal reads raw tokens: set data.tokens=raw (or use model=diagonal with data defaults)",
+        )
+    if m.readout == Readout.block:
+        _require(dt.tokens == Tokens.augmented, "model.readout=block needs data.tokens=augmented; use linear or auto")
+    _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns it off), got {o.grad_clip}")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _require(tr.max_steps >= 1, f"trainer.max_steps must be >= 1, got {tr.max_steps}")
+    _require(tr.val_check_interval >= 1, f"trainer.val_check_interval must be >= 1, got {tr.val_check_interval}")
+    _require(tr.devices >= 1, f"trainer.devices must be >= 1, got {tr.devices}")
+    kind, count = available_devices(tr.accelerator)
+    _require(
+        tr.devices <= count,
+        f"trainer.devices={tr.devices} but this machine has {count} {kind} device(s)"
+        f" (trainer.accelerator={tr.accelerator}); ask for at most {count}",
+    )
+    if cfg.ckpt_path is not None:
+        _require(os.path.isfile(cfg.ckpt_path), f"ckpt_path={cfg.ckpt_path} does not exist or is not a file")
+
+
+def run_dir_for(ckpt_path: str | None, default: str) -> str:
+    """Hydra's run folder: a resumed run (ckpt_path=RUN/checkpoints/x.ckpt) continues in RUN, others get `default`."""
+    if ckpt_path:
+        ckpt = os.path.abspath(ckpt_path)
+        if os.path.basename(os.path.dirname(ckpt)) == "checkpoints":
+            return os.path.dirname(os.path.dirname(ckpt))
+    return default
+
+
+def register_configs() -> None:
+    """Register the schema (`train_schema`) with Hydra and the `icar_run_dir` resolver used by conf/train.yaml."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("icar_run_dir", run_dir_for, replace=True)

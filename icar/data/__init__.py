@@ -1,0 +1,1 @@
+"""Data: context matrices, autoregressive sequences, token encodings, and the streaming DataModule."""

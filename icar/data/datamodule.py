@@ -1,0 +1,98 @@
+"""A LightningDataModule that streams freshly sampled sequences every step (no fixed training set).
+
+The batch of training step k on rank r is drawn from a generator seeded by (seed, r, k) alone. So every rank and
+every worker has its own reproducible stream, the stream does not depend on the number of workers (the DataLoader
+takes batches from workers in turn: worker w draws steps w, w + n_workers, ...), and a run resumed at step k
+continues with batch k without any saved sampler state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
+
+from icar.config import DataConfig
+from icar.data.sequences import SequenceSampler
+
+
+def stream_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for one (seed, rank, step): stable across processes and Python versions."""
+    digest = hashlib.blake2b(f"icar/{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SequenceStream(IterableDataset):
+    """Infinite stream of (s, W) batches for one rank, starting at `start_step`; each item is a whole batch."""
+
+    def __init__(
+        self,
+        sampler: SequenceSampler,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        start_step: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.sampler, self.batch_size, self.seed, self.rank = sampler, batch_size, seed, rank
+        self.start_step, self.device = start_step, torch.device(device)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, self.rank, step))
+        return self.sampler.sample(self.batch_size, g)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += n_workers
+
+
+class ARDataModule(pl.LightningDataModule):
+    """Streams training batches per rank and holds a fixed validation set drawn from `data.val_seed`."""
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.sampler = SequenceSampler(cfg)
+        self.val_set: TensorDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is None:
+            g = torch.Generator().manual_seed(self.cfg.val_seed)
+            s, W = self.sampler.sample(self.cfg.val_size, g)
+            self.val_set = TensorDataset(s, W)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, _ = self._rank()
+        start = 0
+        if self.trainer is not None:  # resumed runs restore global_step before the loaders are built
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        # Sample where the model trains when in the main process; workers sample on the CPU.
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.cfg.num_workers > 0:
+            device = torch.device("cpu")
+        stream = SequenceStream(self.sampler, self.cfg.batch_size, self.seed, rank, start, device)
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Rank r evaluates sequences r, r + world, ...: every sequence exactly once, no padding duplicates."""
+        assert self.val_set is not None, "call setup() first"
+        rank, world = self._rank()
+        s, W = self.val_set.tensors
+        shard = TensorDataset(s[rank::world], W[rank::world])
+        return DataLoader(shard, batch_size=min(self.cfg.batch_size, len(shard)) or 1, shuffle=False)

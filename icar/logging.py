@@ -1,0 +1,131 @@
+"""Run-folder logging: a JSONL metrics file (the record, read by later analysis) and W&B set-up (the mirror)."""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from icar.config import LoggerConfig, LoggerKind, WandbMode
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+    return value
+
+
+class JsonlLogger(Logger):
+    """Appends one JSON object per `log_metrics` call to `<run_dir>/metrics.jsonl`, flushed at once.
+
+    Lightning's CSVLogger cannot hold a curve (`val/mse_by_pos`) and buffers rows until it flushes; a JSON line per
+    event keeps vectors and survives an interrupted run. Resumed runs append to the same file.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__()
+        self.path = Path(run_dir) / METRICS_FILE
+
+    @property
+    def name(self) -> str:
+        return "jsonl"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.path.parent)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """The config is saved as config.yaml by `icar.train.run`; nothing to add here."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order."""
+    with (Path(run_dir) / METRICS_FILE).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def has_wandb_key() -> bool:
+    """True when an API key is configured: WANDB_API_KEY, or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(cfg: LoggerConfig) -> str:
+    """`auto` -> WANDB_MODE if set, else online with a key and offline without: never a login prompt."""
+    if cfg.mode != WandbMode.auto:
+        return cfg.mode.value
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if has_wandb_key() else "offline"
+
+
+def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config: dict[str, Any]) -> list[Logger]:
+    """The JSONL record always; W&B or CSV as the mirror."""
+    loggers: list[Logger] = [JsonlLogger(run_dir)]
+    if cfg.kind == LoggerKind.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    elif cfg.kind == LoggerKind.wandb:
+        import wandb
+
+        mode = wandb_mode(cfg)
+        id_file = Path(run_dir) / "wandb_id.txt"  # a resumed run continues the same W&B run
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        if rank_zero_only.rank == 0:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id)
+        loggers.append(
+            WandbLogger(
+                project=cfg.project,
+                entity=cfg.entity,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                save_dir=str(run_dir),
+                config=config,
+                settings=wandb.Settings(mode=mode, init_timeout=60, silent=True),
+            )
+        )
+    return loggers
+
+
+def log_curves(loggers: list[Logger], step: int, xs: list[int], curves: dict[str, torch.Tensor], title: str) -> None:
+    """Log named curves over positions: as lists in the JSONL record, as one line plot in W&B."""
+    for logger in loggers:
+        if isinstance(logger, JsonlLogger):
+            logger.log_metrics({name: ys for name, ys in curves.items()}, step=step)
+        elif isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
+            import wandb
+
+            names = list(curves)
+            plot = wandb.plot.line_series(
+                xs=xs, ys=[curves[n].tolist() for n in names], keys=names, title=title, xname="position t"
+            )
+            logger.experiment.log({title: plot, "trainer/global_step": step})

@@ -1,0 +1,137 @@
+"""A configurable causal Transformer for in-context autoregression (PAPER.md section 3, general variants).
+
+Attention weights are `token weights * positional weights` on the causal triangle:
+  token weights: linear  -> scores q_t . k_t' / sqrt(head_dim) (no normalisation by t: our convention);
+                 softmax -> softmax over t' <= t of the same scores;
+  positional:    multiplicative     -> a learned T x T matrix P shared by the heads (the paper's P), init 1;
+                 softmax_positional -> softmax over t' <= t of the heads' scores on learned positional
+                                       embeddings (the authors' Figure 7 model);
+                 additive           -> none here: a learned embedding is added to the input tokens;
+                 none               -> 1.
+Layer: x <- x + LayerNorm(Attention(x)) (LayerNorm and residual optional), attention-only as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icar.config import Attention, Embedding, ModelConfig, Positional, Readout
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention with all heads computed in one batched product (no loop over heads)."""
+
+    def __init__(self, cfg: ModelConfig, d_model: int, head_dim: int, max_len: int) -> None:
+        super().__init__()
+        self.kind, self.positional = cfg.attention, cfg.positional
+        self.n_heads, self.head_dim = cfg.n_heads, head_dim
+        self.qkv = nn.Linear(d_model, 3 * cfg.n_heads * head_dim, bias=cfg.bias)
+        self.out = nn.Linear(cfg.n_heads * head_dim, d_model, bias=cfg.bias)  # O_h V_h per head
+        self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)), persistent=False)
+        if self.positional == Positional.multiplicative:
+            self.P = nn.Parameter(torch.ones(max_len, max_len))
+        elif self.positional == Positional.softmax_positional:
+            self.pos_emb = nn.Parameter(torch.randn(max_len, d_model))
+
+    def _split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., T, d_model) -> q, k, v of shape (..., H, T, head_dim)."""
+        *lead, T, _ = x.shape
+        qkv = self.qkv(x).view(*lead, T, 3, self.n_heads, self.head_dim)  # (..., T, 3, H, dh)
+        q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # each (..., H, T, dh)
+        return q, k, v
+
+    def positional_weights(self, T: int) -> torch.Tensor | None:
+        """Batch-independent positional factor: (T, T), (H, T, T) or None."""
+        if self.positional == Positional.multiplicative:
+            return self.P[:T, :T] * self.causal[:T, :T]  # (T, T)
+        if self.positional == Positional.softmax_positional:
+            qp, kp, _ = self._split_heads(self.pos_emb[:T])  # each (H, T, dh)
+            scores = qp @ kp.transpose(-1, -2) / math.sqrt(self.head_dim)  # (H, T, T)
+            return torch.softmax(scores.masked_fill(~self.causal[:T, :T], float("-inf")), dim=-1)
+        return None
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The full weights (B, H, T, T): for inspection and tests; `forward` avoids building them when it can."""
+        q, k, _ = self._split_heads(x)
+        return self._weights(q, k, x.shape[-2])
+
+    def _weights(self, q: torch.Tensor, k: torch.Tensor, T: int) -> torch.Tensor:
+        scores = (q / math.sqrt(self.head_dim)) @ k.transpose(-1, -2)  # (B, H, T, T)
+        mask = self.causal[:T, :T]
+        if self.kind == Attention.softmax:
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        else:
+            weights = scores
+        pos = self.positional_weights(T)
+        if pos is not None:  # multiplicative and softmax_positional factors are already causal
+            return weights * pos
+        return weights if self.kind == Attention.softmax else weights * mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._split_heads(x)  # each (B, H, T, dh)
+        if self.kind == Attention.softmax and self.positional in (Positional.none, Positional.additive):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # fused kernel where available
+        else:
+            y = self._weights(q, k, T) @ v  # (B, H, T, dh)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * dh)
+        return self.out(y)
+
+
+class Block(nn.Module):
+    """x <- x + LayerNorm(Attention(x)); LayerNorm and residual optional."""
+
+    def __init__(self, cfg: ModelConfig, d_model: int, head_dim: int, max_len: int) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(cfg, d_model, head_dim, max_len)
+        self.norm = nn.LayerNorm(d_model) if cfg.layernorm else nn.Identity()
+        self.residual = cfg.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.attn(x))  # (B, T, d_model)
+        return x + h if self.residual else h
+
+
+class Transformer(nn.Module):
+    """Tokens e_1..e_T (B, T, token_dim) -> predictions of s_2..s_{T+1} (B, T, out_dim)."""
+
+    accepts_complex = False
+    first_position = 1  # every position t >= 1 is predicted
+
+    def __init__(self, cfg: ModelConfig, token_dim: int, out_dim: int, max_len: int, augmented: bool) -> None:
+        super().__init__()
+        d_model = cfg.d_model or token_dim
+        head_dim = cfg.head_dim or d_model
+        self.token_dim, self.d_model, self.out_dim = token_dim, d_model, out_dim
+        self.embedding = cfg.embedding
+        if cfg.embedding == Embedding.linear:
+            self.embed = nn.Linear(token_dim, d_model, bias=cfg.bias)
+        elif d_model % token_dim:
+            raise ValueError(
+                f"model.d_model={d_model} must be a multiple of the token width {token_dim}"
+                " for model.embedding=repeat; use model.embedding=linear"
+            )
+        self.pos_emb = nn.Parameter(torch.zeros(max_len, d_model)) if cfg.positional == Positional.additive else None
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb, std=0.02)
+        self.blocks = nn.ModuleList([Block(cfg, d_model, head_dim, max_len) for _ in range(cfg.n_layers)])
+        readout = cfg.readout if cfg.readout != Readout.auto else (Readout.block if augmented else Readout.linear)
+        if readout == Readout.block and (d_model != token_dim or cfg.embedding != Embedding.repeat):
+            raise ValueError("model.readout=block reads the zero block of e_t: it needs model.d_model=0 and embedding=repeat")
+        self.readout = nn.Linear(d_model, out_dim, bias=cfg.bias) if readout == Readout.linear else None
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        B, T, _ = e.shape
+        if self.embedding == Embedding.linear:
+            x = self.embed(e)
+        else:
+            x = e.repeat(1, 1, self.d_model // self.token_dim)  # (B, T, d_model)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[:T]
+        for block in self.blocks:
+            x = block(x)
+        return x[..., : self.out_dim] if self.readout is None else self.readout(x)  # (B, T, out_dim)

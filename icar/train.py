@@ -1,0 +1,186 @@
+"""Training: the one LightningModule (next-token MSE, validation beside the trivial baselines, optimiser) and
+`run(cfg) -> metrics`, which scripts, tests and sweeps call in-process.
+
+MSE is per token: ||s_hat_{t+1} - s_{t+1}||^2 summed over coordinates (complex: squared modulus), averaged over
+sequences and over the predicted positions t >= model.first_position (PAPER.md section 4, claim 4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from icar.baselines import BASELINES
+from icar.config import LossOn, Schedule, TrainConfig, to_dataclass, to_plain_dict, validate
+from icar.data.datamodule import ARDataModule
+from icar.data.tokens import encode_tokens, realify
+from icar.logging import build_loggers, log_curves
+from icar.models import build_model
+
+
+class ICARModule(pl.LightningModule):
+    """Trains one model on streamed sequences; its hyperparameters are the whole resolved config (a plain dict)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters(config)  # goes to the checkpoint and, once, to every logger
+        self.cfg: TrainConfig = to_dataclass(config)
+        self.model = build_model(self.cfg.model, self.cfg.data)
+        self.t0 = self.model.first_position - 1  # first predicted position, 0-based
+        self._val_sums: dict[str, torch.Tensor] = {}
+
+    # -- the forward pass shared by training, validation and analysis ------------------------------------------
+    def predict_sequences(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences s_1..s_{T+1} (B, T+1, d) -> (predictions, targets) of s_2..s_{T+1}, both (B, T, d')."""
+        inputs, targets = s[:, :-1], s[:, 1:]
+        if not self.model.accepts_complex:
+            inputs, targets = realify(inputs), realify(targets)
+            return self.model(encode_tokens(inputs, self.cfg.data.tokens)), targets
+        return self.model(inputs), targets
+
+    @staticmethod
+    def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token squared error (B, T): summed over coordinates."""
+        return (pred - target).abs().square().sum(-1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        s, _ = batch
+        pred, target = self.predict_sequences(s)
+        err = self.squared_error(pred, target)  # (B, T)
+        loss = err[:, -1].mean() if self.cfg.loss_on == LossOn.last else err[:, self.t0 :].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # -- validation: exact sums over the whole validation set, reduced across ranks ----------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def _accumulate(self, name: str, err: torch.Tensor) -> None:
+        total = err.sum(0)  # (T,)
+        self._val_sums[name] = self._val_sums.get(name, torch.zeros_like(total)) + total
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        s, _ = batch
+        pred, target = self.predict_sequences(s)
+        self._accumulate("model", self.squared_error(pred, target))
+        for name, baseline in BASELINES.items():
+            self._accumulate(name, self.squared_error(realify(baseline(s[:, :-1])), realify(s[:, 1:])))
+        self._accumulate("count", torch.full_like(target[..., 0].real, 1.0))
+
+    def on_validation_epoch_end(self) -> None:
+        names = sorted(self._val_sums)
+        stacked = torch.stack([self._val_sums[n] for n in names])  # (n_curves, T): this rank's sums
+        stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")  # every rank's sequences, each once
+        sums = dict(zip(names, stacked))
+        count = sums.pop("count")  # (T,): number of sequences
+        curves = {n: v / count for n, v in sums.items()}  # per-position MSE
+        for name, curve in curves.items():
+            prefix = "val" if name == "model" else f"val/{name}"
+            self.log(f"{prefix}/mse", curve[self.t0 :].mean(), prog_bar=name == "model", sync_dist=False)
+            self.log(f"{prefix}/mse_last", curve[-1], sync_dist=False)
+        if not self.trainer.sanity_checking and self.trainer.loggers:
+            positions = list(range(1, len(count) + 1))
+            labelled = {("val/mse_by_pos" if n == "model" else f"val/{n}/mse_by_pos"): c for n, c in curves.items()}
+            log_curves(self.trainer.loggers, self.global_step, positions, labelled, "val/mse_by_pos")
+
+    # -- optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        o, max_steps = self.cfg.optim, self.cfg.trainer.max_steps
+        optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay) if o.weight_decay \
+            else torch.optim.Adam(self.parameters(), lr=o.lr)
+
+        def factor(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            if o.schedule == Schedule.cosine:
+                progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+                return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The streamed training set has no length: show progress against max_steps instead."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps * self.trainer.accumulate_grad_batches
+
+
+def run(cfg: DictConfig | TrainConfig | dict[str, Any]) -> dict[str, float]:
+    """Train one model from a config; return the final scalar metrics (also saved as summary.json).
+
+    The run folder (`run_dir`, default: the current directory) receives config.yaml, metrics.jsonl,
+    checkpoints/{last,best}.ckpt (and interrupted.ckpt if the run is stopped), summary.json and the W&B run.
+    """
+    cfg = to_dataclass(cfg)
+    validate(cfg)
+    run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
+    config = to_plain_dict(cfg)
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+
+    with torch.random.fork_rng(devices=[]):  # model initialisation from `seed`, global state left alone
+        torch.manual_seed(cfg.seed)
+        module = ICARModule(config)
+    datamodule = ARDataModule(cfg.data, cfg.seed)
+    loggers = build_loggers(cfg.logger, run_dir, f"{cfg.name}/{run_dir.name}", config)
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/mse", mode="min", save_last=True),
+        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
+        StepProgressBar(),
+    ]
+    if len(loggers) > 1:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    t = cfg.trainer
+    trainer = pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        logger=loggers,
+        callbacks=callbacks,
+        use_distributed_sampler=False,  # the DataModule shards validation itself, without padding
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if rank_zero_only.rank == 0:
+        for lg in wandb_loggers:
+            lg.experiment  # create the run in this process, before any fork (ddp_fork, multirun jobs)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        if wandb_loggers and rank_zero_only.rank == 0:
+            import wandb
+
+            wandb.finish()  # one W&B run per Hydra job: the next job must not log into this one
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics["global_step"] = float(trainer.global_step)
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
