@@ -6,6 +6,7 @@ import json
 import netrc
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -95,7 +96,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config:
 
         mode = wandb_mode(cfg)
         id_file = Path(run_dir) / "wandb_id.txt"  # a resumed run continues the same W&B run
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         if rank_zero_only.rank == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)

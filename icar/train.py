@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -86,12 +87,14 @@ class ICARModule(pl.LightningModule):
         curves = {n: v / count for n, v in sums.items()}  # per-position MSE
         for name, curve in curves.items():
             prefix = "val" if name == "model" else f"val/{name}"
-            self.log(f"{prefix}/mse", curve[self.t0 :].mean(), prog_bar=name == "model", sync_dist=False)
-            self.log(f"{prefix}/mse_last", curve[-1], sync_dist=False)
+            # already reduced over ranks; sync_dist averages identical values (and silences Lightning's warning)
+            self.log(f"{prefix}/mse", curve[self.t0 :].mean(), prog_bar=name == "model", sync_dist=True)
+            self.log(f"{prefix}/mse_last", curve[-1], sync_dist=True)
         if not self.trainer.sanity_checking and self.trainer.loggers:
             positions = list(range(1, len(count) + 1))
             labelled = {("val/mse_by_pos" if n == "model" else f"val/{n}/mse_by_pos"): c for n, c in curves.items()}
-            log_curves(self.trainer.loggers, self.global_step, positions, labelled, "val/mse_by_pos")
+            step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs val/* under
+            log_curves(self.trainer.loggers, step, positions, labelled, "val/mse_by_pos")
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -114,13 +117,33 @@ class ICARModule(pl.LightningModule):
 class StepProgressBar(TQDMProgressBar):
     """The streamed training set has no length: show progress against max_steps instead."""
 
+    def __init__(self, max_steps: int) -> None:
+        # a terminal redraws every step; a log file (CI, cluster jobs) gets about 50 updates per run
+        super().__init__(refresh_rate=1 if sys.stdout.isatty() else max(1, max_steps // 50))
+
     @property
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps * self.trainer.accumulate_grad_batches
 
 
-def run(cfg: DictConfig | TrainConfig | dict[str, Any]) -> dict[str, float]:
+class CheckpointOnInterrupt(Callback):
+    """Save the state when training stops on an exception (Ctrl-C included), so that nothing is lost.
+
+    Lightning's OnExceptionCheckpoint would do this too, but its presence makes `fit(ckpt_path=None)` silently
+    resume from any "last" checkpoint it finds; here resuming stays explicit (`ckpt_path=...`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback] | None = None) -> dict[str, float]:
     """Train one model from a config; return the final scalar metrics (also saved as summary.json).
+
+    `callbacks` are added to the run's own (checkpoints, progress bar): e.g. a pruning callback of a search.
 
     The run folder (`run_dir`, default: the current directory) receives config.yaml, metrics.jsonl,
     checkpoints/{last,best}.ckpt (and interrupted.ckpt if the run is stopped), summary.json and the W&B run.
@@ -141,11 +164,13 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any]) -> dict[str, float]:
     datamodule = ARDataModule(cfg.data, cfg.seed)
     loggers = build_loggers(cfg.logger, run_dir, f"{cfg.name}/{run_dir.name}", config)
     ckpt_dir = run_dir / "checkpoints"
-    callbacks: list[pl.Callback] = [
+    callbacks = [
+        *(callbacks or []),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/mse", mode="min", save_last=True),
-        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
-        StepProgressBar(),
+        CheckpointOnInterrupt(ckpt_dir / "interrupted.ckpt"),
     ]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(StepProgressBar(cfg.trainer.max_steps))
     if len(loggers) > 1:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     t = cfg.trainer

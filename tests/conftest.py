@@ -1,0 +1,49 @@
+"""Shared fixtures: compose configs from conf/ the way scripts/train.py does, and keep W&B off the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from icar.config import register_configs
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO = CONF_DIR.parent
+
+# No test touches the network: W&B is forced offline unless a test sets its own mode.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.pop("WANDB_API_KEY", None)
+
+# Small and fast: what every smoke run adds to its overrides.
+FAST = [
+    "logger=none",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=8",
+    "data.val_size=16",
+]
+
+
+def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
+    """conf/train.yaml composed with `overrides`, its run folder set to `run_dir`."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"run_dir={run_dir}"])
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path):
+    """make_cfg(*overrides, sub="run") -> a composed config whose run folder is tmp_path/sub."""
+
+    def make(*overrides: str, sub: str = "run") -> DictConfig:
+        return compose_train(tmp_path / sub, *overrides)
+
+    return make

@@ -1,0 +1,148 @@
+"""Training end to end: run folders, metrics, determinism, resume, every experiment config, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from icar.config import LoggerConfig, WandbMode, to_dataclass, to_plain_dict
+from icar.data.datamodule import ARDataModule
+from icar.logging import read_metrics, wandb_mode
+from icar.train import ICARModule, run
+from tests.conftest import CONF_DIR, FAST
+
+
+def to_dataclass_dict(cfg) -> dict:
+    return to_plain_dict(to_dataclass(cfg))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_run_folder_and_metrics(make_cfg, tmp_path):
+    """A run leaves config, metrics (scalars and the per-position curve), checkpoints and a summary."""
+    metrics = run(make_cfg(*FAST, "data.T=6"))
+    folder = tmp_path / "run"
+    assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {p.name for p in folder.iterdir()}
+    assert (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "checkpoints" / "best.ckpt").is_file()
+    records = read_metrics(folder)
+    keys = set().union(*records)
+    for key in ("train/loss", "val/mse", "val/mse_last", "val/zero/mse_last", "val/last_token/mse", "val/mse_by_pos"):
+        assert key in keys, key
+    curve = [r["val/mse_by_pos"] for r in records if "val/mse_by_pos" in r][-1]
+    assert len(curve) == 6  # one value per predicted position t = 1..T
+    # val/mse is the mean of the curve over positions; val/mse_last its last value
+    assert math.isclose(sum(curve) / len(curve), metrics["val/mse"], rel_tol=1e-5)
+    assert math.isclose(curve[-1], metrics["val/mse_last"], rel_tol=1e-5)
+    assert json.loads((folder / "summary.json").read_text())["global_step"] == 4
+
+
+def test_trivial_baselines_are_exact(make_cfg):
+    """Predict-zero MSE is E||s_{t+1}||^2 = 1 for s_1 = 1/sqrt(d) 1_d; predict-last is 2 - 2 E[s^T W s] = 2 (Haar)."""
+    metrics = run(make_cfg(*FAST, "data.val_size=4096", "data.d=4"))
+    assert metrics["val/zero/mse"] == pytest.approx(1.0, abs=1e-5)
+    # E[s^T W s] = 0 for Haar W; its std over 4096 sequences is about 0.5/64: 5 standard errors
+    assert metrics["val/last_token/mse"] == pytest.approx(2.0, abs=0.08)
+
+
+def test_same_seed_same_loss(make_cfg):
+    """The same seed gives bit-identical losses; another seed gives different ones."""
+    a = run(make_cfg(*FAST, "seed=3", sub="a"))
+    b = run(make_cfg(*FAST, "seed=3", sub="b"))
+    c = run(make_cfg(*FAST, "seed=4", sub="c"))
+    assert a["train/loss"] == b["train/loss"] and a["val/mse"] == b["val/mse"]
+    assert a["train/loss"] != c["train/loss"]
+
+
+def test_resume_reproduces_uninterrupted_run(make_cfg, tmp_path):
+    """10 steps, then resume to 20 from last.ckpt == 20 steps straight: same weights, same losses."""
+    common = [*FAST, "trainer.val_check_interval=5", "model.n_layers=2"]
+    full = run(make_cfg(*common, "trainer.max_steps=20", sub="full"))
+    run(make_cfg(*common, "trainer.max_steps=10", sub="part"))
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    resumed = run(make_cfg(*common, "trainer.max_steps=20", f"ckpt_path={last}", sub="part"))
+    assert resumed["global_step"] == 20
+    assert resumed["train/loss"] == full["train/loss"] and resumed["val/mse"] == full["val/mse"]
+    w_full, w_resumed = _load(tmp_path / "full/checkpoints/last.ckpt"), _load(tmp_path / "part/checkpoints/last.ckpt")
+    assert all(torch.equal(w_full[k], w_resumed[k]) for k in w_full)
+    steps = [r["step"] for r in read_metrics(tmp_path / "part") if "train/loss" in r]
+    assert steps == sorted(steps)  # the resumed run appended to the same record
+
+
+@pytest.mark.parametrize("model", ["linear", "softmax", "diagonal"])
+@pytest.mark.parametrize("data", ["orthogonal", "commuting", "unitary"])
+def test_every_model_trains_on_every_family(make_cfg, model, data):
+    """Each model option trains on each context family and the loss it reports is finite."""
+    metrics = run(make_cfg(*FAST, f"model={model}", f"data={data}"))
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/mse"])
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_trains(make_cfg, experiment):
+    """Every conf/experiment/*.yaml composes, validates and trains a few steps (smaller batches)."""
+    metrics = run(make_cfg(f"experiment={experiment}", *FAST))
+    assert math.isfinite(metrics["val/mse"])
+
+
+def test_loss_on_last_position(make_cfg):
+    """loss_on=last trains on the last position only: the first step's loss is the untrained last-position error."""
+    cfg = make_cfg(*FAST, "loss_on=last", "trainer.max_steps=1")
+    module = ICARModule(to_dataclass_dict(cfg))
+    s, W = ARDataModule(module.cfg.data, module.cfg.seed).sampler.sample(8, torch.Generator().manual_seed(0))
+    pred, target = module.predict_sequences(s)
+    err = module.squared_error(pred, target)
+    module.log = lambda *a, **k: None  # no trainer attached
+    loss = module.training_step((s, W), 0)
+    loss = loss.item()
+    assert loss == pytest.approx(err[:, -1].mean().item()) and loss != pytest.approx(err.mean().item())
+
+
+def test_checkpoint_restores_the_model(make_cfg, tmp_path):
+    """ICARModule.load_from_checkpoint rebuilds the model from the saved config and gives the saved val/mse."""
+    import lightning.pytorch as pl
+
+    metrics = run(make_cfg(*FAST, "model=softmax", "model.positional=multiplicative"))
+    module = ICARModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu")
+    dm = ARDataModule(module.cfg.data, module.cfg.seed)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    (val,) = trainer.validate(module, datamodule=dm, verbose=False)
+    assert val["val/mse"] == pytest.approx(metrics["val/mse"], rel=1e-6)
+
+
+def test_wandb_mode_is_offline_without_a_key(monkeypatch, tmp_path):
+    """logger.mode=auto: offline without a key (no prompt, no network), online with one; WANDB_MODE wins."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert wandb_mode(LoggerConfig()) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(LoggerConfig()) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(LoggerConfig()) == "disabled"
+    assert wandb_mode(LoggerConfig(mode=WandbMode.offline)) == "offline"
+
+
+def test_wandb_offline_run_is_written(make_cfg, tmp_path, monkeypatch):
+    """With no API key the default W&B logger writes an offline run: clean resolved config, metrics in summary."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    metrics = run(make_cfg(*FAST, "logger=wandb", "data.d=3"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    out = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    record = json.loads(out.stdout)
+    assert record["config"]["data"]["d"] == 3 and record["config"]["model"]["attention"] == "linear"
+    assert "_target_" not in out.stdout
+    assert record["summary"]["val/mse"] == pytest.approx(metrics["val/mse"])
+    assert record["state"] == "finished"
