@@ -129,15 +129,44 @@ class StepProgressBar(TQDMProgressBar):
 class CheckpointOnInterrupt(Callback):
     """Save the state when training stops on an exception (Ctrl-C included), so that nothing is lost.
 
-    Lightning's OnExceptionCheckpoint would do this too, but its presence makes `fit(ckpt_path=None)` silently
-    resume from any "last" checkpoint it finds; here resuming stays explicit (`ckpt_path=...`).
+    The checkpoint is written as if taken at the end of the last completed step, the form Lightning resumes
+    exactly; taken mid-batch as is, a resumed run's validation schedule and logging steps shift by one.
+    (Lightning's OnExceptionCheckpoint has that shift, and its presence makes `fit(ckpt_path=None)` silently
+    resume from any "last" checkpoint; here resuming stays explicit, `ckpt_path=...`.)
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._saving = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.path)
+        if trainer.global_step == 0:
+            return  # nothing trained yet
+        self._saving = True
+        try:
+            trainer.save_checkpoint(self.path)
+        finally:
+            self._saving = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if not self._saving:
+            return
+        step = trainer.global_step  # optimiser steps done (no gradient accumulation here); one epoch only
+        loop = checkpoint["loops"]["fit_loop"]
+        for tracker in ("total", "current"):
+            loop["epoch_loop.batch_progress"][tracker].update(
+                ready=step, started=step, processed=step, completed=step - 1
+            )
+        loop["epoch_loop.state_dict"]["_batches_that_stepped"] = step - 1
+
+
+class ValidateAtEnd(Callback):
+    """Validate (hence checkpoint) after the last step even when max_steps is not a multiple of
+    val_check_interval, so that last.ckpt and the returned metrics describe the final model."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True  # Lightning validates when asked to stop
 
 
 def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback] | None = None) -> dict[str, float]:
@@ -168,6 +197,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         *(callbacks or []),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/mse", mode="min", save_last=True),
         CheckpointOnInterrupt(ckpt_dir / "interrupted.ckpt"),
+        ValidateAtEnd(),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar(cfg.trainer.max_steps))

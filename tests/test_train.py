@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from icar.config import LoggerConfig, WandbMode, to_dataclass, to_plain_dict
 from icar.data.datamodule import ARDataModule
 from icar.logging import read_metrics, wandb_mode
 from icar.train import ICARModule, run
-from tests.conftest import CONF_DIR, FAST
+from tests.conftest import CONF_DIR, FAST, REPO
 
 
 def to_dataclass_dict(cfg) -> dict:
@@ -146,3 +147,41 @@ def test_wandb_offline_run_is_written(make_cfg, tmp_path, monkeypatch):
     assert "_target_" not in out.stdout
     assert record["summary"]["val/mse"] == pytest.approx(metrics["val/mse"])
     assert record["state"] == "finished"
+
+
+class StopAt(Callback):
+    """Raises in the middle of training, as a crash or Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated interruption")
+
+
+def test_interrupted_run_loses_nothing(make_cfg, tmp_path):
+    """A run stopped by an exception at step 7 leaves interrupted.ckpt; resuming from it ends where an
+    uninterrupted run ends (same weights)."""
+    common = [*FAST, "trainer.max_steps=12", "trainer.val_check_interval=5"]
+    run(make_cfg(*common, sub="full"))
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(make_cfg(*common, sub="cut"), callbacks=[StopAt(7)])
+    ckpt = tmp_path / "cut/checkpoints/interrupted.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 7
+    resumed = run(make_cfg(*common, f"ckpt_path={ckpt}", sub="cut"))
+    assert resumed["global_step"] == 12
+    w_full, w_cut = _load(tmp_path / "full/checkpoints/last.ckpt"), _load(tmp_path / "cut/checkpoints/last.ckpt")
+    assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
+
+
+def test_multirun_gives_one_wandb_run_per_job(tmp_path):
+    """`scripts/train.py -m seed=0,1` with W&B offline: two jobs, two run folders, two distinct W&B runs."""
+    cmd = [sys.executable, "scripts/train.py", "-m", "seed=0,1", "logger=wandb", "logger.mode=offline",
+           *[o for o in FAST if not o.startswith("logger=")], f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = {p.name.split("-")[-1] for job in ("0", "1") for p in (tmp_path / job / "wandb").glob("offline-run-*")}
+    assert len(ids) == 2
+    seeds = [json.loads((tmp_path / job / "summary.json").read_text()) for job in ("0", "1")]
+    assert seeds[0]["train/loss"] != seeds[1]["train/loss"]
