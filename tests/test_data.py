@@ -508,3 +508,21 @@ def test_validate_rejects_bad_data_values(data, key):
         validate(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
                                                      {"data": data, "trainer": trainer})))
     validate(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), {"trainer": trainer})))
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 16, 17])
+def test_gram_schmidt_equals_sign_fixed_qr(d):
+    """The Gram-Schmidt path (small d) gives the same Q as sign-fixed QR on the same Gaussian draws, orthogonal
+    to float32 precision; haar_orthogonal switches to QR above GRAM_SCHMIDT_MAX_D."""
+    from icar.data.contexts import GRAM_SCHMIDT_MAX_D, gram_schmidt, qr_positive
+
+    g = torch.randn(500, d, d, generator=torch.Generator().manual_seed(d))
+    q_gs, q_qr = gram_schmidt(g), qr_positive(g)
+    assert torch.allclose(q_gs, q_qr, atol=2e-4)
+    eye = torch.eye(d).expand(500, d, d)
+    assert torch.allclose(q_gs.transpose(-1, -2) @ q_gs, eye, atol=1e-5)
+    W = haar_orthogonal(3, d, torch.Generator().manual_seed(0))
+    ref = (gram_schmidt if d <= GRAM_SCHMIDT_MAX_D else qr_positive)(
+        torch.randn(3, d, d, generator=torch.Generator().manual_seed(0))
+    )
+    assert torch.equal(W, ref)

@@ -14,13 +14,34 @@ import torch
 from icar.config import Family
 
 
-def haar_orthogonal(n: int, d: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-    """n matrices Haar-distributed on O(d): QR of a Gaussian with the sign of diag(R) moved into Q (Mezzadri)."""
-    g = torch.randn(n, d, d, generator=generator, device=device)  # (n, d, d)
+GRAM_SCHMIDT_MAX_D = 16  # up to this d, Gram-Schmidt in batched vector ops; above, LAPACK/cuSOLVER QR
+
+
+def qr_positive(g: torch.Tensor) -> torch.Tensor:
+    """Q of the QR decomposition of g (n, d, d) with diag(R) > 0: the sign of diag(R) moved into Q (Mezzadri)."""
     q, r = torch.linalg.qr(g)
     signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))  # (n, d)
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return q * signs.unsqueeze(-2)  # scales column j of Q by sign(R_jj)
+
+
+def gram_schmidt(g: torch.Tensor) -> torch.Tensor:
+    """The same Q as `qr_positive` (up to rounding) by Gram-Schmidt applied twice per column, in batched vector
+    ops: cuSOLVER factors tiny matrices one by one (39 ms for 1024 5x5 on an H100, against 0.7 ms here)."""
+    cols: list[torch.Tensor] = []
+    for j in range(g.shape[-1]):
+        v = g[..., j]  # (n, d)
+        for _ in range(2):  # the second pass restores orthogonality lost to rounding
+            for q in cols:
+                v = v - (q * v).sum(-1, keepdim=True) * q
+        cols.append(v / torch.linalg.vector_norm(v, dim=-1, keepdim=True))
+    return torch.stack(cols, dim=-1)
+
+
+def haar_orthogonal(n: int, d: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n matrices Haar-distributed on O(d): the Q factor (diag(R) > 0) of a Gaussian matrix."""
+    g = torch.randn(n, d, d, generator=generator, device=device)  # (n, d, d)
+    return gram_schmidt(g) if d <= GRAM_SCHMIDT_MAX_D else qr_positive(g)
 
 
 def rotation_blocks(theta: torch.Tensor) -> torch.Tensor:
