@@ -199,13 +199,16 @@ def to_plain_dict(cfg: TrainConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
 def available_devices(accelerator: str) -> tuple[str, int]:
     """The accelerator `auto` resolves to here, and how many devices of it this machine has."""
     import torch
 
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "gpu", torch.cuda.device_count()
-    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+    if accelerator == "mps" or (accelerator in ("auto", "gpu") and torch.backends.mps.is_available()):
         return "mps", int(torch.backends.mps.is_available())
     return "cpu", os.cpu_count() or 1
 
@@ -242,8 +245,19 @@ def validate(cfg: TrainConfig) -> None:
             dt.tokens == Tokens.raw,
             "model.arch=diagonal reads raw tokens: set data.tokens=raw (or use model=diagonal with data defaults)",
         )
-    if m.readout == Readout.block:
-        _require(dt.tokens == Tokens.augmented, "model.readout=block needs data.tokens=augmented; use linear or auto")
+    if m.arch == Arch.transformer:
+        width = (3 if dt.tokens == Tokens.augmented else 1) * (2 if dt.family == Family.unitary else 1) * dt.d
+        _require(
+            m.embedding != Embedding.repeat or m.d_model % width == 0,
+            f"model.d_model={m.d_model} must be a multiple of the token width {width} for model.embedding=repeat"
+            " (or set model.embedding=linear, or model.d_model=0)",
+        )
+        block = m.readout == Readout.block or (m.readout == Readout.auto and dt.tokens == Tokens.augmented)
+        _require(
+            not block or (dt.tokens == Tokens.augmented and m.d_model in (0, width) and m.embedding == Embedding.repeat),
+            "model.readout=block reads the zero block of augmented tokens: it needs data.tokens=augmented,"
+            " model.d_model=0 and model.embedding=repeat; use model.readout=linear otherwise",
+        )
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -252,11 +266,22 @@ def validate(cfg: TrainConfig) -> None:
     _require(tr.max_steps >= 1, f"trainer.max_steps must be >= 1, got {tr.max_steps}")
     _require(tr.val_check_interval >= 1, f"trainer.val_check_interval must be >= 1, got {tr.val_check_interval}")
     _require(tr.devices >= 1, f"trainer.devices must be >= 1, got {tr.devices}")
+    _require(tr.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {tr.num_nodes}")
+    _require(tr.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {tr.log_every_n_steps}")
+    _require(
+        tr.accelerator in ACCELERATORS,
+        f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {tr.accelerator!r}",
+    )
     kind, count = available_devices(tr.accelerator)
     _require(
         tr.devices <= count,
         f"trainer.devices={tr.devices} but this machine has {count} {kind} device(s)"
         f" (trainer.accelerator={tr.accelerator}); ask for at most {count}",
+    )
+    _require(
+        dt.val_size >= tr.devices * tr.num_nodes,
+        f"data.val_size={dt.val_size} must be >= the number of ranks ({tr.devices * tr.num_nodes}):"
+        " every rank validates a share",
     )
     if cfg.ckpt_path is not None:
         _require(os.path.isfile(cfg.ckpt_path), f"ckpt_path={cfg.ckpt_path} does not exist or is not a file")

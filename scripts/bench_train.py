@@ -2,7 +2,7 @@
 
 For each configuration it measures, in one process and on one device:
   1. sequences/s through the real Lightning path: `icar.train.run(cfg)` itself (ICARModule, ARDataModule, the
-     callbacks and the JSONL logger it builds), with a timing callback added to the Trainer it creates;
+     callbacks and the JSONL logger it builds), with a timing callback passed to it;
   2. the share of a training step spent drawing its batch: `SequenceStream.batch(step)` alone, same batch size,
      same device, divided by the Lightning step time;
   3. a plain torch loop over the same model, data, loss, optimiser and scheduler (ICARModule used without a
@@ -110,29 +110,11 @@ class StepTimer(pl.Callback):
             self.last_loss = float(outputs["loss"])  # after the clock reading: the sync is not timed
 
 
-class _LightningWithCallbacks:
-    """Stands in for `lightning.pytorch` inside `icar.train` during one `run`: its Trainer gets extra callbacks."""
-
-    def __init__(self, extra: list[pl.Callback]) -> None:
-        self._extra = extra
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(pl, name)
-
-    def Trainer(self, *args: Any, callbacks: list[pl.Callback] | None = None, **kwargs: Any) -> pl.Trainer:  # noqa
-        return pl.Trainer(*args, callbacks=[*(callbacks or []), *self._extra], **kwargs)
-
-
 # -- the three measurements -----------------------------------------------------------------------------------------
 def bench_lightning(cfg: DictConfig, bounds: list[int], device: torch.device) -> tuple[Timings, float]:
     """Seconds per step (and busy cores) of each chunk through `icar.train.run(cfg)`, and the last step's loss."""
     timer = StepTimer(bounds, device)
-    real_pl = icar.train.pl
-    icar.train.pl = _LightningWithCallbacks([timer])  # type: ignore[assignment]
-    try:
-        icar.train.run(cfg)
-    finally:
-        icar.train.pl = real_pl
+    icar.train.run(cfg, callbacks=[timer])
     if timer.done != bounds[-1]:
         raise RuntimeError(f"Lightning ran {timer.done} training steps, expected {bounds[-1]}")
     return per_step(timer.stamps, bounds), timer.last_loss

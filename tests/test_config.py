@@ -35,6 +35,12 @@ def test_default_config_composes_typed(make_cfg):
         (["data.mu=2"], "data.mu"),  # mu has no meaning for Haar W
         (["model=diagonal", "data.tokens=augmented"], "model.arch=diagonal"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path"),
+        (["data.tokens=raw", "model.d_model=7"], "model.d_model"),
+        (["data.tokens=raw", "model.readout=block"], "model.readout=block"),
+        (["model.d_model=30"], "model.readout=block"),  # augmented tokens read the block by default
+        (["trainer.accelerator=cpuu"], "trainer.accelerator"),
+        (["trainer.accelerator=cpu", "trainer.devices=2", "data.val_size=1"], "data.val_size"),
+        (["trainer.num_nodes=0"], "trainer.num_nodes"),
     ],
 )
 def test_bad_values_fail_naming_the_key(make_cfg, overrides, key):

@@ -1,9 +1,10 @@
 """A LightningDataModule that streams freshly sampled sequences every step (no fixed training set).
 
 The batch of training step k on rank r is drawn from a generator seeded by (seed, r, k) alone. So every rank and
-every worker has its own reproducible stream, the stream does not depend on the number of workers (the DataLoader
-takes batches from workers in turn: worker w draws steps w, w + n_workers, ...), and a run resumed at step k
-continues with batch k without any saved sampler state.
+every worker has its own reproducible stream, the stream does not depend on the number of CPU workers (the
+DataLoader takes batches from workers in turn: worker w draws steps w, w + n_workers, ...), and a run resumed at step
+k continues with batch k without any saved sampler state. On a GPU, num_workers=0 samples with CUDA generators and
+workers with CPU ones: the two streams differ (each is reproducible).
 """
 
 from __future__ import annotations
