@@ -451,3 +451,30 @@ def test_build_model_rejects_bad_widths(overrides: dict, match: str) -> None:
     data = DataConfig(d=3, T=5, tokens=Tokens.augmented)
     with pytest.raises(ValueError, match=match):
         build_model(ModelConfig(**overrides), data)
+
+
+@pytest.mark.parametrize("positional", ["none", "multiplicative", "softmax_positional"])
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_cpu_batch_chunks_give_the_same_outputs_and_gradients(monkeypatch, attention, positional):
+    """The CPU path that runs attention in batch chunks equals the one-shot layer, outputs and gradients."""
+    import icar.models.transformer as tr
+    from icar.config import Attention, ModelConfig, Positional
+
+    cfg = ModelConfig(attention=Attention(attention), positional=Positional(positional), n_heads=3, head_dim=4)
+    torch.manual_seed(0)
+    attn = tr.MultiHeadAttention(cfg, d_model=6, head_dim=4, max_len=7).double()
+    x = torch.randn(10, 7, 6, dtype=torch.float64)
+    results, calls = [], []
+    attend = attn._attend
+    monkeypatch.setattr(attn, "_attend", lambda x, pos: calls.append(len(x)) or attend(x, pos))
+    for elements in (1 << 30, 3 * 7 * 7 * 3):  # one chunk; chunks of 3 sequences (the last one shorter)
+        monkeypatch.setattr(tr, "CHUNK_ELEMENTS", elements)
+        attn.zero_grad()
+        out = attn(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in attn.parameters()]))
+    (o1, g1), (o2, g2) = results
+    if attention == "linear" or positional != "none":  # softmax without positional weights uses the fused kernel
+        assert calls == [10, 3, 3, 3, 1]
+    assert torch.allclose(o1, o2, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g1, g2))
