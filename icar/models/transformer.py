@@ -75,17 +75,19 @@ class MultiHeadAttention(nn.Module):
 
     def _attend(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """The layer on explicit weights: (B, T, d_model) -> (B, T, d_model)."""
-        B, T, _ = x.shape
         q, k, v = self._split_heads(x)  # each (B, H, T, dh)
-        y = self._weights(q, k, pos) @ v  # (B, H, T, dh)
-        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self._merge_heads(self._weights(q, k, pos) @ v)  # weights @ v: (B, H, T, dh)
+
+    def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, dh) -> concatenated heads through the output projection, (B, T, d_model)."""
+        B, H, T, dh = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, H * dh))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         if self.kind == Attention.softmax and self.positional in (Positional.none, Positional.additive):
             q, k, v = self._split_heads(x)  # each (B, H, T, dh)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # fused kernel where available
-            return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))  # fused kernel
         pos = self.positional_weights(T)  # batch-independent: computed once
         chunk = max(1, CHUNK_ELEMENTS // (self.n_heads * T * T))
         if x.device.type != "cpu" or B <= chunk:
