@@ -127,6 +127,7 @@ class ModelConfig:
     residual: bool = True
     bias: bool = False
     init_std: float = 0.1  # diagonal model: std of the Gaussian initialisation of A, B, P
+    gd_blocks: bool = False  # keep only the blocks of Proposition 1 (query s_t, key s_{t-1}, value s_t, out: zero block)
 
 
 @dataclass
@@ -164,6 +165,13 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    gd_steps: int = 8  # baselines gd1..gd{gd_steps}: GD on the inner objective, step sizes tuned per (k, t)
+    analysis: bool = True  # analyses (figures + numbers) at the end of training
+    analysis_every: int = 0  # also after every this many validations (0: only at the end)
+
+
+@dataclass
 class TrainConfig:
     name: str = "default"
     seed: int = 0
@@ -175,6 +183,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -215,7 +224,7 @@ def available_devices(accelerator: str) -> tuple[str, int]:
 
 def validate(cfg: TrainConfig) -> None:
     """Check values (not just types): raise ConfigError with one line naming the key and what is allowed."""
-    m, dt, o, tr = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    m, dt, o, tr, ev = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.eval
     _require(dt.d >= 1, f"data.d must be >= 1, got {dt.d}")
     _require(dt.T >= 2, f"data.T must be >= 2 (context length), got {dt.T}")
     _require(dt.mu > 0, f"data.mu must be > 0, got {dt.mu}")
@@ -252,6 +261,12 @@ def validate(cfg: TrainConfig) -> None:
             f"model.d_model={m.d_model} must be a multiple of the token width {width} for model.embedding=repeat"
             " (or set model.embedding=linear, or model.d_model=0)",
         )
+        _require(
+            not m.gd_blocks or (dt.tokens == Tokens.augmented and m.d_model in (0, width)
+                                and m.embedding == Embedding.repeat and m.head_dim in (0, width)),
+            "model.gd_blocks=true masks the blocks of augmented tokens: it needs data.tokens=augmented,"
+            " model.d_model=0, model.head_dim=0 and model.embedding=repeat",
+        )
         block = m.readout == Readout.block or (m.readout == Readout.auto and dt.tokens == Tokens.augmented)
         _require(
             not block or (dt.tokens == Tokens.augmented and m.d_model in (0, width) and m.embedding == Embedding.repeat),
@@ -263,6 +278,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns it off), got {o.grad_clip}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _require(0 <= ev.gd_steps <= 64, f"eval.gd_steps must be in [0, 64], got {ev.gd_steps}")
+    _require(ev.analysis_every >= 0, f"eval.analysis_every must be >= 0 (0: only at the end), got {ev.analysis_every}")
     _require(tr.max_steps >= 1, f"trainer.max_steps must be >= 1, got {tr.max_steps}")
     _require(tr.val_check_interval >= 1, f"trainer.val_check_interval must be >= 1, got {tr.val_check_interval}")
     _require(tr.devices >= 1, f"trainer.devices must be >= 1, got {tr.devices}")

@@ -51,6 +51,9 @@ def test_trivial_baselines_are_exact(make_cfg):
     assert metrics["val/zero/mse"] == pytest.approx(1.0, abs=1e-5)
     # E[s^T W s] = 0 for Haar W; its std over 4096 sequences is about 0.5/64: 5 standard errors
     assert metrics["val/last_token/mse"] == pytest.approx(2.0, abs=0.08)
+    assert metrics["val/true_w/mse"] < 1e-10  # the oracle, through the whole validation pipeline
+    assert metrics["val/ols/mse_last"] < 1e-8  # least squares is exact once t > d (float32 data)
+    assert metrics["val/gd1/mse_last"] > metrics["val/gd8/mse_last"] > metrics["val/ols/mse_last"]
 
 
 def test_same_seed_same_loss(make_cfg):
