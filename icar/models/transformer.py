@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from icar.config import Attention, Embedding, ModelConfig, Positional, Readout
 
@@ -97,6 +98,31 @@ class MultiHeadAttention(nn.Module):
         return torch.cat([self._attend(x[i : i + chunk], pos) for i in range(0, B, chunk)])
 
 
+class Masked(nn.Module):
+    """Parametrisation that keeps a fixed pattern of a weight's entries and zeroes the rest (and their gradients)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def mask_gd_blocks(attn: MultiHeadAttention, d: int) -> None:
+    """Restrict a layer on augmented tokens e_t = (0, s_t, s_{t-1}) to Proposition 1's blocks: queries read s_t,
+    keys s_{t-1}, values s_t, and the output is written into the zero block. One head then computes
+    B (sum_{t'} s_{t'} s_{t'-1}^T) A s_t with A = W_q^T W_k and B = W_o W_v (PAPER.md claim 1)."""
+    H, dh = attn.n_heads, attn.head_dim
+    zero, mid, prev = slice(0, d), slice(d, 2 * d), slice(2 * d, 3 * d)
+    qkv = torch.zeros(3, H * dh, 3 * d)
+    qkv[0, :, mid], qkv[1, :, prev], qkv[2, :, mid] = 1, 1, 1
+    out = torch.zeros(3 * d, H * dh)
+    out[zero] = 1
+    parametrize.register_parametrization(attn.qkv, "weight", Masked(qkv.reshape(3 * H * dh, 3 * d)))
+    parametrize.register_parametrization(attn.out, "weight", Masked(out))
+
+
 class Block(nn.Module):
     """x <- x + LayerNorm(Attention(x)); LayerNorm and residual optional."""
 
@@ -134,19 +160,30 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             nn.init.normal_(self.pos_emb, std=0.02)
         self.blocks = nn.ModuleList([Block(cfg, d_model, head_dim, max_len) for _ in range(cfg.n_layers)])
+        if cfg.gd_blocks:
+            if not augmented or d_model != token_dim or head_dim != token_dim:
+                raise ValueError("model.gd_blocks=true needs augmented tokens with d_model = head_dim = token width")
+            for block in self.blocks:
+                mask_gd_blocks(block.attn, token_dim // 3)
         readout = cfg.readout if cfg.readout != Readout.auto else (Readout.block if augmented else Readout.linear)
         if readout == Readout.block and (d_model != token_dim or cfg.embedding != Embedding.repeat):
             raise ValueError("model.readout=block reads the zero block of e_t: it needs model.d_model=0 and embedding=repeat")
         self.readout = nn.Linear(d_model, out_dim, bias=cfg.bias) if readout == Readout.linear else None
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        B, T, _ = e.shape
+    def embed_tokens(self, e: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T, token_dim) -> the residual stream (B, T, d_model): embedding plus additive positions."""
         if self.embedding == Embedding.linear:
             x = self.embed(e)
         else:
             x = e.repeat(1, 1, self.d_model // self.token_dim)  # (B, T, d_model)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb[:T]
+        return x if self.pos_emb is None else x + self.pos_emb[: e.shape[1]]
+
+    def read_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream (..., d_model) -> predictions (..., out_dim): the zero block or a learned map."""
+        return x[..., : self.out_dim] if self.readout is None else self.readout(x)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(e)  # (B, T, d_model)
         for block in self.blocks:
             x = block(x)
-        return x[..., : self.out_dim] if self.readout is None else self.readout(x)  # (B, T, out_dim)
+        return self.read_out(x)  # (B, T, out_dim)
