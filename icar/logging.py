@@ -130,3 +130,25 @@ def log_curves(loggers: list[Logger], step: int, xs: list[int], curves: dict[str
                 xs=xs, ys=[curves[n].tolist() for n in names], keys=names, title=title, xname="position t"
             )
             logger.experiment.log({title: plot, "trainer/global_step": step})
+
+
+def log_analysis(
+    loggers: list[Logger], scalars: dict[str, float], figures: dict[str, list[Path]], step: int, summary: bool = True
+) -> None:
+    """Analysis numbers and figures: numbers in the JSONL record; in W&B as images (`analysis/<name>`) and, at the
+    end of training, as summary values."""
+    for logger in loggers:
+        if isinstance(logger, JsonlLogger):
+            logger.log_metrics(scalars, step=step)
+        elif isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
+            import wandb
+
+            images = {
+                f"analysis/{name}": wandb.Image(str(path))
+                for name, paths in figures.items()
+                for path in paths
+                if path.suffix == ".png"
+            }
+            logger.experiment.log({**images, **scalars, "trainer/global_step": step})
+            if summary:
+                logger.experiment.summary.update(scalars)

@@ -22,9 +22,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from icar.baselines import BASELINES
+from icar.analysis.callback import AnalysisCallback
+from icar.baselines import InContextBaselines
 from icar.config import LossOn, Schedule, TrainConfig, available_devices, to_dataclass, to_plain_dict, validate
 from icar.data.datamodule import ARDataModule
+from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens, realify
 from icar.logging import build_loggers, log_curves
 from icar.models import build_model
@@ -38,8 +40,10 @@ class ICARModule(pl.LightningModule):
         self.save_hyperparameters(config)  # goes to the checkpoint and, once, to every logger
         self.cfg: TrainConfig = to_dataclass(config)
         self.model = build_model(self.cfg.model, self.cfg.data)
+        self.baselines = InContextBaselines(self.cfg.eval.gd_steps, self.cfg.data.T)
         self.t0 = self.model.first_position - 1  # first predicted position, 0-based
         self._val_sums: dict[str, torch.Tensor] = {}
+        self.val_curves: dict[str, list[float]] = {}  # the last validation's per-position MSE, "model" and baselines
 
     # -- the forward pass shared by training, validation and analysis ------------------------------------------
     def predict_sequences(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +58,24 @@ class ICARModule(pl.LightningModule):
     def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-token squared error (B, T): summed over coordinates."""
         return (pred - target).abs().square().sum(-1)
+
+    def tune_baselines(self) -> None:
+        """Tune GD's step sizes once, on CPU, on held-out sequences from data.val_seed + 1 (as many as validation).
+
+        Every rank computes the same values; a resumed run or a loaded checkpoint keeps them (a buffer)."""
+        if self.baselines.tuned:
+            return
+        g = torch.Generator().manual_seed(self.cfg.data.val_seed + 1)
+        s, _ = SequenceSampler(self.cfg.data).sample(self.cfg.data.val_size, g)
+        self.baselines.tune(s)
+
+    def baseline_errors(self, s: torch.Tensor, W: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token squared errors (B, T) of every baseline on sequences s_1..s_{T+1} (B, T+1, d)."""
+        target = s[:, 1:]
+        return {name: self.squared_error(pred, target) for name, pred in self.baselines(s[:, :-1], W).items()}
+
+    def on_fit_start(self) -> None:
+        self.tune_baselines()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         s, _ = batch
@@ -72,11 +94,11 @@ class ICARModule(pl.LightningModule):
         self._val_sums[name] = self._val_sums.get(name, torch.zeros_like(total)) + total
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        s, _ = batch
+        s, W = batch
         pred, target = self.predict_sequences(s)
         self._accumulate("model", self.squared_error(pred, target))
-        for name, baseline in BASELINES.items():
-            self._accumulate(name, self.squared_error(realify(baseline(s[:, :-1])), realify(s[:, 1:])))
+        for name, err in self.baseline_errors(s, W).items():
+            self._accumulate(name, err.to(target.real.dtype))
         self._accumulate("count", torch.full_like(target[..., 0].real, 1.0))
 
     def on_validation_epoch_end(self) -> None:
@@ -86,6 +108,8 @@ class ICARModule(pl.LightningModule):
         sums = dict(zip(names, stacked))
         count = sums.pop("count")  # (T,): number of sequences
         curves = {n: v / count for n, v in sums.items()}  # per-position MSE
+        if not self.trainer.sanity_checking:
+            self.val_curves = {n: c.tolist() for n, c in curves.items()}
         for name, curve in curves.items():
             prefix = "val" if name == "model" else f"val/{name}"
             # already reduced over ranks; sync_dist averages identical values (and silences Lightning's warning)
@@ -215,6 +239,9 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         CheckpointOnInterrupt(ckpt_dir / "interrupted.ckpt"),
         ValidateAtEnd(),
     ]
+    analysis = AnalysisCallback(run_dir, cfg.eval.analysis_every) if cfg.eval.analysis else None
+    if analysis is not None:
+        callbacks.append(analysis)
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar(cfg.trainer.max_steps))
     if len(loggers) > 1:
@@ -252,6 +279,8 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
             wandb.finish()  # one W&B run per Hydra job: the next job must not log into this one
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
+    if analysis is not None and analysis.result is not None:
+        metrics.update(analysis.result.scalars)
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics

@@ -18,7 +18,7 @@ def test_default_config_composes_typed(make_cfg):
     cfg = to_dataclass(make_cfg())
     validate(cfg)
     assert isinstance(cfg, TrainConfig)
-    assert cfg.data.family == Family.orthogonal and cfg.model.n_heads == 1
+    assert cfg.data.family == Family.orthogonal and cfg.model.n_heads == 4
 
 
 @pytest.mark.parametrize(

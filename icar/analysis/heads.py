@@ -1,0 +1,56 @@
+"""Head orthogonality (PAPER.md section 6): cosines between heads' parameters, as matrices and scalar summaries.
+
+At the optimum of claim 2 the rows of A (and of B) are orthogonal; for a general layer we compare the per-head
+key-query matrices M_h = Q_h^T K_h and value-output matrices O_h V_h by normalised Frobenius inner products.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from icar.models.diagonal import DiagonalAttention
+from icar.models.transformer import MultiHeadAttention, Transformer
+
+
+def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
+    """(H, ...) -> (H, H) of <x_h, x_h'> / (||x_h|| ||x_h'||); a zero head has cosine 0 with every head."""
+    flat = x.detach().reshape(x.shape[0], -1).double()  # (H, n)
+    norms = flat.norm(dim=1)  # (H,)
+    unit = flat / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]  # (H, n), zero rows stay zero
+    return unit @ unit.T  # (H, H)
+
+
+def mean_abs_offdiag(M: torch.Tensor) -> float:
+    """Mean |M_hh'| over h != h' (0 for a single head): 0 when the heads are orthogonal."""
+    H = M.shape[0]
+    if H < 2:
+        return 0.0
+    off = ~torch.eye(H, dtype=torch.bool, device=M.device)  # (H, H)
+    return M[off].abs().mean().item()
+
+
+def head_matrices(attn: MultiHeadAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head M_h = Wq_h^T Wk_h and O_h V_h = Wo[:, h] Wv_h, each (H, D, D): head h's scores are
+    x_t M_h x_t'^T / sqrt(head_dim) and its output is O_h V_h applied to the weighted sum of the tokens."""
+    H, dh = attn.n_heads, attn.head_dim
+    W = attn.qkv.weight.detach()  # (3 H dh, D)
+    Wq, Wk, Wv = W.view(3, H, dh, -1).unbind(0)  # each (H, dh, D)
+    Wo = attn.out.weight.detach().view(-1, H, dh).transpose(0, 1)  # (H, D, dh): the head's columns of out
+    return Wq.transpose(1, 2) @ Wk, Wo @ Wv  # (H, D, D) each
+
+
+def head_orthogonality(model: nn.Module) -> dict[str, dict]:
+    """{"scalars": {"heads/<name>_offdiag": float}, "matrices": {"heads/<name>": (H, H)}} with names A, B for the
+    diagonal model and layer{i}/kq, layer{i}/ov for a Transformer; both empty for other models."""
+    mats: dict[str, torch.Tensor] = {}
+    if isinstance(model, DiagonalAttention):
+        mats["heads/A"] = cosine_matrix(model.A)  # (H, H)
+        mats["heads/B"] = cosine_matrix(model.B)  # (H, H)
+    elif isinstance(model, Transformer):
+        for i, block in enumerate(model.blocks):
+            kq, ov = head_matrices(block.attn)  # (H, D, D) each
+            mats[f"heads/layer{i}/kq"] = cosine_matrix(kq)
+            mats[f"heads/layer{i}/ov"] = cosine_matrix(ov)
+    mats = {k: v.cpu() for k, v in mats.items()}
+    return {"scalars": {f"{k}_offdiag": mean_abs_offdiag(v) for k, v in mats.items()}, "matrices": mats}

@@ -1,0 +1,46 @@
+"""Recompute the analyses of finished runs from their checkpoints, offline (no W&B):
+
+    python scripts/analyze.py RUN_DIR [RUN_DIR ...] [--checkpoint best]
+
+Each RUN_DIR/analysis/ receives the figures (PNG + PDF) and analysis.json (numbers, GD step sizes, curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from icar.analysis.analyze import ANALYSIS_FILE, analyze_run_dir  # noqa: E402
+
+HEADLINE = ("summary/", "heads/", "P/", "C/", "theory/", "icmap/")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (each with checkpoints/)")
+    parser.add_argument("--checkpoint", default="last", help="checkpoint name in RUN/checkpoints/ (last, best, ...)")
+    parser.add_argument("--device", default="cpu", help="torch device for the evaluation (cpu, cuda)")
+    args = parser.parse_args()
+
+    failed = 0
+    for run_dir in tqdm(args.run_dirs, desc="analysing runs", disable=len(args.run_dirs) == 1):
+        try:
+            result = analyze_run_dir(run_dir, args.checkpoint, args.device)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"{run_dir}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{run_dir}/analysis/{ANALYSIS_FILE}: {len(result.figures)} figures, {len(result.scalars)} numbers")
+        for name, value in sorted(result.scalars.items()):
+            if name.startswith(HEADLINE):
+                print(f"  {name:40s} {value:.4g}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Analyses: head cosines, per-head matrices against the attention layer, P's fitted forms, C's structure, plots."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from icar.analysis.heads import cosine_matrix, head_matrices, head_orthogonality, mean_abs_offdiag
+from icar.analysis.plots import plot_c_structure, plot_head_orthogonality, plot_mse_by_position, plot_positional
+from icar.analysis.positional import fit_positional_forms, positional_matrices
+from icar.analysis.structure import c_structure
+from icar.config import Attention, Family, ModelConfig, Positional
+from icar.models.diagonal import DiagonalAttention
+from icar.models.transformer import MultiHeadAttention, Transformer
+from icar.theory import optimal_C, optimal_P
+
+
+def test_cosine_matrix_orthogonal_identical_and_scale_invariant() -> None:
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    heads = Q[:4].reshape(4, 2, 3)  # four orthonormal heads, each a 2 x 3 matrix
+    assert torch.allclose(cosine_matrix(heads), torch.eye(4, dtype=torch.float64), atol=1e-12)
+    assert mean_abs_offdiag(cosine_matrix(heads)) < 1e-12
+    same = torch.randn(1, 5, generator=g).repeat(3, 1)  # (3, 5)
+    assert torch.allclose(cosine_matrix(same), torch.ones(3, 3, dtype=torch.float64), atol=1e-6)
+    x = torch.randn(4, 5, generator=g)
+    scales = torch.tensor([1.0, 7.0, 0.01, 3.0])[:, None]
+    assert torch.allclose(cosine_matrix(x), cosine_matrix(scales * x), atol=1e-6)
+    zero = cosine_matrix(torch.cat([x[:2], torch.zeros(1, 5)]))  # a dead head: cosines 0, not nan
+    assert torch.isfinite(zero).all() and (zero[2] == 0).all()
+    assert mean_abs_offdiag(torch.ones(1, 1)) == 0.0
+
+
+def test_head_matrices_match_explicit_per_head_computation() -> None:
+    torch.manual_seed(0)
+    H, D, dh, T = 3, 6, 4, 5
+    attn = MultiHeadAttention(ModelConfig(n_heads=H, attention=Attention.linear), D, dh, max_len=T).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_()
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    M, OV = head_matrices(attn)  # (H, D, D) each
+    q, k, v = attn._split_heads(x)  # (2, H, T, dh) each
+    scores = q @ k.transpose(-1, -2)  # (2, H, T, T)
+    assert torch.allclose(scores, torch.einsum("bti,hij,bsj->bhts", x, M, x), atol=1e-9)
+    weights = attn.attention_weights(x)  # (2, H, T, T)
+    per_head = torch.einsum("hij,bhts,bsj->bti", OV, weights, x)  # sum_h O_h V_h (weighted sum of tokens)
+    assert torch.allclose(attn(x), per_head, atol=1e-9)
+    # one head alone: zero the others' output columns
+    with torch.no_grad():
+        attn.out.weight[:, dh:] = 0
+    assert torch.allclose(attn(x), torch.einsum("ij,bts,bsj->bti", OV[0], weights[:, 0], x), atol=1e-9)
+
+
+def test_head_orthogonality_keys_and_values() -> None:
+    model = DiagonalAttention(d=4, n_heads=4, max_len=6)
+    with torch.no_grad():
+        model.A.copy_(2 * torch.eye(4))
+        model.B.copy_(torch.ones(4, 4))
+    out = head_orthogonality(model)
+    assert set(out["matrices"]) == {"heads/A", "heads/B"}
+    assert out["scalars"]["heads/A_offdiag"] == pytest.approx(0.0)
+    assert out["scalars"]["heads/B_offdiag"] == pytest.approx(1.0)
+    cfg = ModelConfig(n_layers=2, n_heads=3, positional=Positional.multiplicative)
+    out = head_orthogonality(Transformer(cfg, token_dim=6, out_dim=2, max_len=6, augmented=False))
+    assert set(out["scalars"]) == {f"heads/layer{i}/{m}_offdiag" for i in (0, 1) for m in ("kq", "ov")}
+    assert all(M.shape == (3, 3) for M in out["matrices"].values())
+
+
+def test_positional_matrices_per_model() -> None:
+    T = 5
+    diag = DiagonalAttention(d=2, n_heads=2, max_len=8)
+    assert set(positional_matrices(diag, T)) == {"P"}
+    assert (positional_matrices(diag, T)["P"].triu(1) == 0).all()
+    for positional, keys in [(Positional.multiplicative, {"layer0/P"}), (Positional.softmax_positional, {"layer0/P"}),
+                             (Positional.none, set())]:
+        model = Transformer(ModelConfig(n_heads=2, positional=positional), 4, 4, max_len=8, augmented=False)
+        mats = positional_matrices(model, T)
+        assert set(mats) == keys and all(P.shape == (T, T) for P in mats.values())
+    model = Transformer(ModelConfig(n_heads=2, positional=Positional.softmax_positional), 4, 4, 8, augmented=False)
+    softmax = positional_matrices(model, T)
+    assert torch.allclose(softmax["layer0/P"].sum(-1), torch.ones(T, dtype=torch.float64))  # head mean of softmaxes
+
+
+def test_fit_positional_forms_at_the_optima_and_on_random_P() -> None:
+    T = 12
+    unitary = fit_positional_forms(optimal_P(Family.unitary, T, c=2.0))
+    assert unitary["P/fit_newest"] == pytest.approx(1.0)
+    assert unitary["P/lag1_ratio"] == pytest.approx(0.0)
+    assert unitary["P/fit_rotation"] == pytest.approx(0.8)  # <e, e - e'/2>^2 / ||e - e'/2||^2 = 1 / 1.25
+    rotation = fit_positional_forms(optimal_P(Family.commuting, T, c=0.5))
+    assert rotation["P/fit_rotation"] == pytest.approx(1.0)
+    assert rotation["P/lag1_ratio"] == pytest.approx(-0.5)
+    assert rotation["P/fit_newest"] < 0.9
+    assert unitary["P/two_tap_energy"] == pytest.approx(1.0) and rotation["P/two_tap_energy"] == pytest.approx(1.0)
+    random = fit_positional_forms(torch.randn(T, T, generator=torch.Generator().manual_seed(0)))
+    assert random["P/fit_newest"] < 0.5 and random["P/fit_rotation"] < 0.5 and random["P/two_tap_energy"] < 0.5
+    assert abs(random["P/lag1_ratio"]) > 0 and random["P/lag1_ratio"] != pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="first_row"):
+        fit_positional_forms(torch.eye(3), first_row=3)
+
+
+def test_c_structure_rank_and_distances() -> None:
+    blocks = c_structure(-3.0 * optimal_C(Family.commuting, 10))
+    assert blocks["C/rank"] == 5
+    assert blocks["C/dist_blocks"] == pytest.approx(0.0, abs=1e-7)
+    assert blocks["C/dist_identity"] == pytest.approx(math.sqrt(0.5))  # <J_2, I>^2 / (||J_2||^2 ||I||^2) = 1/2
+    assert blocks["C/singular_values"] == pytest.approx([1.0] * 5 + [0.0] * 5, abs=1e-7)
+    identity = c_structure(3 * torch.eye(10))
+    assert identity["C/rank"] == 10 and identity["C/dist_identity"] == pytest.approx(0.0, abs=1e-7)
+    assert math.isnan(c_structure(torch.eye(5))["C/dist_blocks"])  # no block form for odd d
+    noisy = c_structure(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
+    assert noisy["C/dist_identity"] > 0.5 and noisy["C/dist_blocks"] > 0.5
+
+
+def _written(paths: list) -> bool:
+    return sorted(p.suffix for p in paths) == [".pdf", ".png"] and all(p.stat().st_size > 0 for p in paths)
+
+
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")  # inside seaborn's heatmap
+def test_plots_write_png_and_pdf(tmp_path) -> None:
+    model = DiagonalAttention(d=4, n_heads=3, max_len=6)
+    heads = head_orthogonality(model)
+    assert _written(plot_head_orthogonality(heads["matrices"], heads["scalars"], tmp_path / "heads"))
+    P_mats = {"P": optimal_P(Family.commuting, 6), "layer0/P": torch.randn(6, 6).tril()}
+    fits = {k: fit_positional_forms(P) for k, P in P_mats.items()}
+    assert _written(plot_positional(P_mats, fits, tmp_path / "positional"))
+    C = model.C.detach()
+    assert _written(plot_c_structure(C, c_structure(C), tmp_path / "sub" / "c", A=model.A, B=model.B))
+    curves = {"model": [0.0, 1.0, 0.1, 1e-3], "zero": [2.0] * 4, "true_W": [0.0] * 4, "gd1": [1.0, 0.8, 0.5, 0.4]}
+    assert _written(plot_mse_by_position(curves, tmp_path / "mse", title="test", first_position=2))
