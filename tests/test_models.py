@@ -29,6 +29,7 @@ from icar.data.sequences import SequenceSampler, roll_out
 from icar.data.tokens import encode_tokens, realify
 from icar.models import DiagonalAttention, Transformer, build_model
 from icar.models.transformer import MultiHeadAttention
+from icar.theory import l_unitary_row
 
 EXACT = 1e-12
 POSITIONALS = list(Positional)
@@ -318,13 +319,6 @@ def test_claim2_exact_solution_complex64_pipeline() -> None:
     torch.testing.assert_close(out[:, 1:], s[:, 2:], rtol=0, atol=1e-5)
 
 
-def _l_U(C: torch.Tensor, p: torch.Tensor) -> float:
-    """Claim 2's population loss for prefix length tau = len(p): p[-1] = p_tau, p[-2] = p_{tau-1}."""
-    d = C.shape[0]
-    fro2, ones = C.pow(2).sum(), torch.ones(d, dtype=C.dtype)
-    return float(p.pow(2).sum() * fro2 + p[-2] ** 2 * ((C @ ones).pow(2).sum() - fro2) - 2 * p[-1] * C.trace() + d)
-
-
 def test_claim2_population_loss_formula() -> None:
     """Monte Carlo squared error of the diagonal model at each tau matches l_U(C, p) within 5 standard errors."""
     d, T, n = 4, 5, 40_000
@@ -341,9 +335,10 @@ def test_claim2_population_loss_formula() -> None:
         e = err[:, tau - 1]
         mean, se = e.mean().item(), e.std().item() / math.sqrt(n)
         p = P[tau - 1, :tau]
-        assert abs(mean - _l_U(C, p)) < 5 * se, f"tau={tau}: MC {mean:.4f} +- {se:.4f} vs l_U {_l_U(C, p):.4f}"
+        l_U = l_unitary_row(C, p)
+        assert abs(mean - l_U) < 5 * se, f"tau={tau}: MC {mean:.4f} +- {se:.4f} vs l_U {l_U:.4f}"
         # The check discriminates: the formula without its query-token term fails it.
-        wrong = _l_U(C, p) - p[-2].item() ** 2 * ((C.sum(1)).pow(2).sum() - C.pow(2).sum()).item()
+        wrong = l_U - p[-2].item() ** 2 * ((C.sum(1)).pow(2).sum() - C.pow(2).sum()).item()
         assert abs(mean - wrong) > 5 * se, f"tau={tau}: the p_(tau-1) term is too small to be tested"
 
 
