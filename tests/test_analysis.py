@@ -131,3 +131,47 @@ def test_plots_write_png_and_pdf(tmp_path) -> None:
     assert _written(plot_c_structure(C, c_structure(C), tmp_path / "sub" / "c", A=model.A, B=model.B))
     curves = {"model": [0.0, 1.0, 0.1, 1e-3], "zero": [2.0] * 4, "true_W": [0.0] * 4, "gd1": [1.0, 0.8, 0.5, 0.4]}
     assert _written(plot_mse_by_position(curves, tmp_path / "mse", title="test", first_position=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole analysis of a run: at the end of training, and offline from its checkpoint (scripts/analyze.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_diagonal_run_analysis_and_offline_recompute(tmp_path):
+    """A diagonal-model run gets C, P, head and theory numbers; scripts/analyze.py recomputes the same from the
+    checkpoint, without W&B, and names the problem for a folder that is not a run."""
+    import json
+    import subprocess
+    import sys
+
+    from icar.train import run
+    from tests.conftest import FAST, REPO, compose_train
+
+    run_dir = tmp_path / "run"
+    overrides = [*FAST, "experiment=unitary_diagonal", "data.d=4", "model.n_heads=4", "data.T=6", "data.val_size=2048"]
+    metrics = run(compose_train(run_dir, *overrides))
+    for key in ("C/rank", "C/dist_identity", "theory/C_rel_dist", "theory/loss", "heads/A_offdiag", "P/fit_newest",
+                "baselines/gd1/eta_last", "summary/mse_last_over_gd1"):
+        assert key in metrics, key
+    # the theory's population loss of the trained (C, P) is the validation MSE, up to sampling error
+    assert metrics["theory/loss"] == pytest.approx(metrics["val/mse"], rel=0.1)
+    saved = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    assert set(saved["figures"]) == {"mse_by_position", "head_orthogonality", "positional", "c_structure"}
+    assert len(saved["gd_step_sizes"]["gd1"]) == 6
+
+    for p in (run_dir / "analysis").glob("*.p*"):
+        p.unlink()
+    proc = subprocess.run([sys.executable, "scripts/analyze.py", str(run_dir), str(tmp_path / "nothing")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1  # one of the two folders is not a run
+    assert "nothing/checkpoints/last.ckpt does not exist" in proc.stderr
+    assert "theory/C_rel_dist" in proc.stdout
+    offline = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    for name in ("c_structure", "positional", "head_orthogonality", "mse_by_position"):
+        assert (run_dir / "analysis" / f"{name}.png").stat().st_size > 0
+    for key in ("C/dist_identity", "theory/C_rel_dist", "heads/A_offdiag"):
+        assert offline["scalars"][key] == pytest.approx(saved["scalars"][key], rel=1e-6)
+    # the offline curves are a fresh evaluation of the same validation set: they match the logged ones
+    assert offline["mse_by_position"]["model"] == pytest.approx(saved["mse_by_position"]["model"], rel=1e-4)
+    assert not list((run_dir / "analysis").glob("wandb*"))

@@ -150,6 +150,14 @@ def test_wandb_offline_run_is_written(make_cfg, tmp_path, monkeypatch):
     assert "_target_" not in out.stdout
     assert record["summary"]["val/mse"] == pytest.approx(metrics["val/mse"])
     assert record["state"] == "finished"
+    # the analyses: figures in the run folder and as W&B images, numbers as W&B summary values
+    figures = ("head_orthogonality", "positional", "mse_by_position")
+    for name in figures:
+        assert (tmp_path / "run" / "analysis" / f"{name}.png").stat().st_size > 0
+        assert (tmp_path / "run" / "analysis" / f"{name}.pdf").stat().st_size > 0
+        assert list((runs[0] / "files" / "media" / "images" / "analysis").glob(f"{name}_*.png")), name
+    for key in ("heads/layer0/kq_offdiag", "P/fit_newest", "summary/mse_last_over_gd1", "val/gd3/mse_last"):
+        assert record["summary"][key] == pytest.approx(metrics[key]), key
 
 
 class StopAt(Callback):
