@@ -16,10 +16,10 @@ import math
 from typing import Callable
 
 import torch
-from torch import nn
 
 PINV_RCOND = 1e-10  # least squares drops eigenvalues of S_t below this fraction of the largest (float32 data)
 ETA_SEARCH = (1e-6, 10.0)  # golden-section bracket for eta, in units of 1 / E||s_t||^2
+CHUNK_ELEMENTS = 1 << 22  # float64 entries of the per-chunk (K, B, T, d) x d work (32 MB)
 GOLDEN_ITERS = 40  # the bracket shrinks to 0.618^40 ~ 4e-9 of its log-width (eta to ~1e-7)
 
 
@@ -111,14 +111,18 @@ def tune_gd_step_sizes(s: torch.Tensor, steps: int) -> torch.Tensor:
     ||(I - eta S_t)^k s_t||^2 is a sum of convex functions of eta, so the search finds the global minimum.
     Position t = 0 has no pairs (prediction 0 for any eta): its eta is reported as 0.
     """
-    context, target = s[:, :-1], _wide(s[:, 1:])  # (B, T, d) each
-    spec = Spectral(context)
-    scale = _wide(context).abs().square().sum(-1).mean().item() or 1.0  # E||s_t||^2
-    T = context.shape[1]
+    B, T1, d = s.shape
+    T = T1 - 1
+    chunk = max(1, CHUNK_ELEMENTS // (T * d * d * steps))  # bounds the (steps, chunk, T, d, d)-sized work
+    parts = [(Spectral(s[i : i + chunk, :-1]), _wide(s[i : i + chunk, 1:])) for i in range(0, B, chunk)]
+    scale = _wide(s[:, :-1]).abs().square().sum(-1).mean().item() or 1.0  # E||s_t||^2
 
-    def mse(log_eta: torch.Tensor) -> torch.Tensor:  # (steps, T) -> (steps, T)
-        pred = gd_predictions(spec, log_eta.exp())  # (steps, B, T, d)
-        return (pred - target).abs().square().sum(-1).mean(1)
+    def mse(log_eta: torch.Tensor) -> torch.Tensor:  # (steps, T) -> (steps, T): held-out MSE of each (k, t)
+        total = 0
+        for spec, target in parts:
+            pred = gd_predictions(spec, log_eta.exp())  # (steps, chunk, T, d)
+            total = total + (pred - target).abs().square().sum(-1).sum(1)
+        return total / B
 
     a = torch.full((steps, T), math.log(ETA_SEARCH[0] / scale), dtype=torch.float64, device=s.device)
     b = torch.full_like(a, math.log(ETA_SEARCH[1] / scale))
@@ -138,17 +142,18 @@ def tune_gd_step_sizes(s: torch.Tensor, steps: int) -> torch.Tensor:
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TRIVIAL: dict[str, Predictor] = {"zero": predict_zero, "last_token": predict_last, "true_w": predict_true}
-CHUNK_ELEMENTS = 1 << 22  # float64 entries of Y_t U per batch chunk (32 MB)
 
 
-class InContextBaselines(nn.Module):
-    """Every baseline of PAPER.md section 5 for one data config, with GD's tuned step sizes kept as a buffer (so they
-    travel in checkpoints): zero, last_token, true_w, ols, and gd1..gd{K} (`K = max_gd_steps`)."""
+class InContextBaselines:
+    """Every baseline of PAPER.md section 5 for one data config: zero, last_token, true_w, ols and gd1..gd{K}
+    (`K = max_gd_steps`), with GD's tuned step sizes `gd_eta` (K, T).
+
+    Not an nn.Module on purpose: the step sizes stay float64 on the CPU whatever the model's device and precision
+    (MPS has no float64, `precision=16-true` would round them); ICARModule saves them in its checkpoints."""
 
     def __init__(self, max_gd_steps: int, T: int) -> None:
-        super().__init__()
         self.max_gd_steps = max_gd_steps
-        self.register_buffer("gd_eta", torch.full((max_gd_steps, T), math.nan, dtype=torch.float64))  # (K, T)
+        self.gd_eta = torch.full((max_gd_steps, T), math.nan, dtype=torch.float64)  # (K, T)
 
     @property
     def names(self) -> list[str]:
@@ -161,22 +166,25 @@ class InContextBaselines(nn.Module):
     def tune(self, s: torch.Tensor) -> None:
         """Tune eta for each (k, t) on held-out sequences s_1..s_{T+1} (B, T+1, d)."""
         if self.max_gd_steps:
-            self.gd_eta.copy_(tune_gd_step_sizes(s, self.max_gd_steps))
+            self.gd_eta = tune_gd_step_sizes(s.cpu(), self.max_gd_steps).cpu()
 
-    def forward(self, s: torch.Tensor, W: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, s: torch.Tensor, W: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predictions (B, T, d) of every baseline for the contexts s_1..s_T (B, T, d) of contexts W (B, d, d)."""
         if not self.tuned:
             raise RuntimeError("InContextBaselines.tune(...) must run before the GD baselines can predict")
         out = {name: fn(s, W) for name, fn in TRIVIAL.items()}
+        device = s.device
+        wide = s if device.type != "mps" else s.cpu()  # no float64 on Apple GPUs: the spectral work runs on the CPU
         B, T, d = s.shape
+        eta = self.gd_eta[:, :T].to(wide.device)
         chunk = max(1, CHUNK_ELEMENTS // (T * d * d * max(1, self.max_gd_steps)))
         parts: dict[str, list[torch.Tensor]] = {}
         for i in range(0, B, chunk):
-            spec = Spectral(s[i : i + chunk])
+            spec = Spectral(wide[i : i + chunk])
             parts.setdefault("ols", []).append(spec.predict(ols_filter(spec.lam)))
             if self.max_gd_steps:
-                gd = gd_predictions(spec, self.gd_eta[:, :T])  # (K, b, T, d)
+                gd = gd_predictions(spec, eta)  # (K, b, T, d)
                 for k in range(self.max_gd_steps):
                     parts.setdefault(f"gd{k + 1}", []).append(gd[k])
-        out.update({name: torch.cat(p).to(s.dtype) for name, p in parts.items()})
+        out.update({name: torch.cat(p).to(device=device, dtype=s.dtype) for name, p in parts.items()})
         return out

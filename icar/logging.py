@@ -135,8 +135,9 @@ def log_curves(loggers: list[Logger], step: int, xs: list[int], curves: dict[str
 def log_analysis(
     loggers: list[Logger], scalars: dict[str, float], figures: dict[str, list[Path]], step: int, summary: bool = True
 ) -> None:
-    """Analysis numbers and figures: numbers in the JSONL record; in W&B as images (`analysis/<name>`) and, at the
+    """Analysis numbers and figures under `analysis/`: numbers in the JSONL record; in W&B as images and, at the
     end of training, as summary values."""
+    scalars = {f"analysis/{name}": value for name, value in scalars.items()}
     for logger in loggers:
         if isinstance(logger, JsonlLogger):
             logger.log_metrics(scalars, step=step)

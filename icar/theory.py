@@ -247,7 +247,7 @@ def prop2_min_loss(T: int, d: int, rho: float | None = None) -> float:
 
 
 def distance_to_optimum(
-    C: torch.Tensor, P: torch.Tensor, family: Family | str, n_heads: int | None = None
+    C: torch.Tensor, P: torch.Tensor, family: Family | str, n_heads: int | None = None, mu: float = 1.0
 ) -> dict[str, float]:
     """How far (C, P) is from the claim-2 / claim-3 minimiser, modulo (C, P) -> (a C, P / a) (C = B^T A is already
     blind to head permutations and to scales traded between A and B).
@@ -255,7 +255,8 @@ def distance_to_optimum(
     Keys: `c` = <C, C*> / ||C*||^2 (C* = optimal_C(family, d, 1)); `C_rel_dist` = ||C - c C*||_F / ||C||_F;
     `P_rel_dist` = ||P - optimal_P(family, T, c)|| / ||optimal_P(family, T, c)|| over the causal rows tau = 2..T;
     `loss` = training_loss; `loss_at_optimum_gap` = loss - minimal_loss(family, d, n_heads) (n_heads None: as many
-    heads as the optimum needs, minimum 0; NaN where the minimum is unknown). inf where c = 0.
+    heads as the optimum needs, minimum 0; NaN where the minimum is unknown). inf where c = 0. The optima are exact
+    for every angle scale mu (loss 0); the loss is computed for the given mu, and the H < d floor only for mu = 1.
     """
     fam = _family(family)
     C, P = _f64(C).detach(), _f64(P).detach()
@@ -270,8 +271,10 @@ def distance_to_optimum(
         P_rel = float(torch.linalg.norm((P - Ps)[1:][rows]) / torch.linalg.norm(Ps[1:][rows]))
     else:
         P_rel = math.inf
-    loss = training_loss(C, P, fam)
+    loss = training_loss(C, P, fam, mu)
     floor = minimal_loss(fam, d, 2 * d if n_heads is None else n_heads)
+    if mu != 1.0 and floor:  # d - H was derived for uniform angles
+        floor = None
     return {
         "c": c,
         "C_rel_dist": C_rel,

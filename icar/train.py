@@ -1,4 +1,4 @@
-"""Training: the one LightningModule (next-token MSE, validation beside the trivial baselines, optimiser) and
+"""Training: the one LightningModule (next-token MSE, validation beside the in-context baselines, optimiser) and
 `run(cfg) -> metrics`, which scripts, tests and sweeps call in-process.
 
 MSE is per token: ||s_hat_{t+1} - s_{t+1}||^2 summed over coordinates (complex: squared modulus), averaged over
@@ -62,7 +62,7 @@ class ICARModule(pl.LightningModule):
     def tune_baselines(self) -> None:
         """Tune GD's step sizes once, on CPU, on held-out sequences from data.val_seed + 1 (as many as validation).
 
-        Every rank computes the same values; a resumed run or a loaded checkpoint keeps them (a buffer)."""
+        Every rank computes the same values; a resumed run or a loaded checkpoint keeps them."""
         if self.baselines.tuned:
             return
         g = torch.Generator().manual_seed(self.cfg.data.val_seed + 1)
@@ -74,8 +74,15 @@ class ICARModule(pl.LightningModule):
         target = s[:, 1:]
         return {name: self.squared_error(pred, target) for name, pred in self.baselines(s[:, :-1], W).items()}
 
-    def on_fit_start(self) -> None:
-        self.tune_baselines()
+    def on_validation_start(self) -> None:
+        self.tune_baselines()  # once (also for trainer.validate on a fresh module); a no-op when restored
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gd_eta"] = self.baselines.gd_eta  # GD's tuned step sizes: a resumed or analysed run reuses them
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "gd_eta" in checkpoint:
+            self.baselines.gd_eta = checkpoint["gd_eta"].to("cpu", torch.float64)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         s, _ = batch
@@ -239,7 +246,9 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         CheckpointOnInterrupt(ckpt_dir / "interrupted.ckpt"),
         ValidateAtEnd(),
     ]
-    analysis = AnalysisCallback(run_dir, cfg.eval.analysis_every) if cfg.eval.analysis else None
+    analysis = (
+        AnalysisCallback(run_dir, cfg.eval.analysis_every, cfg.trainer.val_check_interval) if cfg.eval.analysis else None
+    )
     if analysis is not None:
         callbacks.append(analysis)
     if cfg.trainer.enable_progress_bar:
@@ -280,7 +289,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
     if analysis is not None and analysis.result is not None:
-        metrics.update(analysis.result.scalars)
+        metrics.update({f"analysis/{name}": value for name, value in analysis.result.scalars.items()})
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics

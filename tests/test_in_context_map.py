@@ -116,3 +116,16 @@ def test_aligned_cosine_undoes_a_rotation_that_commutes_with_the_family() -> Non
     # an unrelated map stays unaligned
     other, _ = aligned_cosine(torch.randn(n, d, d, generator=g, dtype=torch.float64), W_gd, Q)
     assert other < 0.5
+
+
+def test_unitary_data_is_compared_with_real_gd_on_the_tokens_the_model_sees() -> None:
+    """Complex sequences reach a real model as (Re, Im): Proposition 1's construction on those tokens is one real GD
+    step, and the comparison says so (cosine 1); the true W enters as its real 2d x 2d form."""
+    d, T, eta = 2, 6, 0.2
+    model, _ = _gd_layer(2 * d, T, eta)  # a layer for real tokens of width 2d
+    data = DataConfig(family=Family.unitary, d=d, T=T, tokens=Tokens.augmented, start=Start.phase)
+    s, W = SequenceSampler(data).sample(8, torch.Generator().manual_seed(6))
+    scores = compare_in_context_maps(model, s[:, :T], W, eta)
+    assert scores["icmap/gd1_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["icmap/gd1_scale"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.1 < scores["icmap/true_cosine"] < 0.999

@@ -37,9 +37,9 @@ def test_claim2_unitary_diagonal_reaches_c_identity(tmp_path: Path) -> None:
     assert metrics["val/mse"] < 1e-3, metrics["val/mse"]
     C = module.model.C.detach().double()
     assert _dist_to_multiple(C, torch.eye(10, dtype=torch.float64)) < 0.05
-    assert metrics["C/dist_identity"] < 0.05  # the same number, as the analysis reports it
-    assert metrics["theory/C_rel_dist"] < 0.05
-    assert metrics["heads/A_offdiag"] < 0.1  # orthogonal heads (PAPER.md claim 2)
+    assert metrics["analysis/C/dist_identity"] < 0.05  # the same number, as the analysis reports it
+    assert metrics["analysis/theory/C_rel_dist"] < 0.05
+    assert metrics["analysis/heads/A_offdiag"] < 0.1  # orthogonal heads (PAPER.md claim 2)
 
 
 def test_claim3_rotation_diagonal_reaches_rank_five_blocks(tmp_path: Path) -> None:
@@ -48,10 +48,10 @@ def test_claim3_rotation_diagonal_reaches_rank_five_blocks(tmp_path: Path) -> No
     assert metrics["val/mse"] < 1e-2, metrics["val/mse"]
     sv = torch.linalg.svdvals(module.model.C.detach().double())
     assert (sv[5:] < 0.05 * sv[0]).all() and sv[4] >= 0.05 * sv[0], sv / sv[0]
-    assert metrics["C/rank"] == 5
+    assert metrics["analysis/C/rank"] == 5
     J = torch.block_diag(*[torch.ones(2, 2, dtype=torch.float64)] * 5)
     assert _dist_to_multiple(module.model.C.detach().double(), J) < 0.1
-    assert metrics["P/lag1_ratio"] == pytest.approx(-0.5, abs=0.1)  # 2 cos(theta) R_theta - I = R_(2 theta)
+    assert metrics["analysis/P/lag1_ratio"] == pytest.approx(-0.5, abs=0.1)  # 2 cos(theta) R_theta - I = R_(2 theta)
 
 
 def test_claim1_augmented_layer_is_one_gd_step(tmp_path: Path) -> None:
@@ -60,4 +60,4 @@ def test_claim1_augmented_layer_is_one_gd_step(tmp_path: Path) -> None:
     metrics, _ = _train(tmp_path, "experiment=augmented_gd_step")
     ratio = metrics["val/mse_last"] / metrics["val/gd1/mse_last"]
     assert abs(ratio - 1) < 0.05, ratio
-    assert metrics["icmap/gd1_cosine_aligned"] > 0.95, metrics
+    assert metrics["analysis/icmap/gd1_cosine_aligned"] > 0.95, metrics

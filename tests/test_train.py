@@ -116,8 +116,12 @@ def test_checkpoint_restores_the_model(make_cfg, tmp_path):
     module = ICARModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu")
     dm = ARDataModule(module.cfg.data, module.cfg.seed)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert module.baselines.tuned  # GD's step sizes come back from the checkpoint, float64 on the CPU
+    saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)["gd_eta"]
+    assert saved.dtype == torch.float64 and torch.equal(module.baselines.gd_eta, saved)
     (val,) = trainer.validate(module, datamodule=dm, verbose=False)
     assert val["val/mse"] == pytest.approx(metrics["val/mse"], rel=1e-6)
+    assert val["val/gd2/mse_last"] == pytest.approx(metrics["val/gd2/mse_last"], rel=1e-6)
 
 
 def test_wandb_mode_is_offline_without_a_key(monkeypatch, tmp_path):
@@ -156,7 +160,8 @@ def test_wandb_offline_run_is_written(make_cfg, tmp_path, monkeypatch):
         assert (tmp_path / "run" / "analysis" / f"{name}.png").stat().st_size > 0
         assert (tmp_path / "run" / "analysis" / f"{name}.pdf").stat().st_size > 0
         assert list((runs[0] / "files" / "media" / "images" / "analysis").glob(f"{name}_*.png")), name
-    for key in ("heads/layer0/kq_offdiag", "P/fit_newest", "summary/mse_last_over_gd1", "val/gd3/mse_last"):
+    for key in ("analysis/heads/layer0/kq_offdiag", "analysis/P/fit_newest", "analysis/summary/mse_last_over_gd1",
+                "val/gd3/mse_last"):
         assert record["summary"][key] == pytest.approx(metrics[key]), key
 
 

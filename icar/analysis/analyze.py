@@ -21,9 +21,12 @@ from icar.analysis.in_context import compare_in_context_maps, supports_in_contex
 from icar.analysis.plots import plot_c_structure, plot_head_orthogonality, plot_mse_by_position, plot_positional
 from icar.analysis.positional import fit_positional_forms, positional_matrices
 from icar.analysis.structure import c_structure
+from icar.baselines import tune_gd_step_sizes
 from icar.config import Basis, Family, Start
 from icar.data.sequences import SequenceSampler
+from icar.data.tokens import realify
 from icar.models.diagonal import DiagonalAttention
+from icar.theory import distance_to_optimum, head_balance
 
 ANALYSIS_FILE = "analysis.json"
 IN_CONTEXT_SEQUENCES = 256
@@ -120,9 +123,8 @@ def analyze(module: Any, out_dir: Path, curves: dict[str, list[float]] | None = 
         )
         family = _theory_family(module)
         if family is not None:
-            from icar.theory import distance_to_optimum, head_balance
-
-            dist = distance_to_optimum(C, model.P.detach().double().cpu(), family)
+            P = model.P.detach().double().cpu()
+            dist = distance_to_optimum(C, P, family, n_heads=model.A.shape[0], mu=cfg.data.mu)
             result.scalars.update({f"theory/{k}": v for k, v in dist.items() if v is not None})
             result.scalars["theory/head_balance"] = head_balance(model.A.detach().cpu(), model.B.detach().cpu())
 
@@ -134,13 +136,17 @@ def analyze(module: Any, out_dir: Path, curves: dict[str, list[float]] | None = 
     if gd_eta.numel() and supports_in_context_map(model, cfg.data.tokens):
         sampler = SequenceSampler(cfg.data)
         s, W = sampler.sample(min(IN_CONTEXT_SEQUENCES, cfg.data.val_size), torch.Generator().manual_seed(cfg.data.val_seed))
+        eta = gd_eta[0, -1].item()
+        if sampler.complex_valued:  # the model sees (Re, Im): compare with real GD on those tokens, its own tuned step
+            held_out, _ = sampler.sample(cfg.data.val_size, torch.Generator().manual_seed(cfg.data.val_seed + 1))
+            eta = tune_gd_step_sizes(realify(held_out), 1)[0, -1].item()
         device = next(model.parameters()).device
         result.scalars.update(
             compare_in_context_maps(
                 model,
                 s[:, :-1].to(device),
                 W.to(device),
-                gd_eta[0, -1].item(),
+                eta,
                 commuting=cfg.data.family == Family.commuting,
                 basis=sampler.basis,
             )

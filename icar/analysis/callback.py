@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from icar.analysis.analyze import AnalysisResult, analyze
@@ -14,26 +15,30 @@ ANALYSIS_DIR = "analysis"
 
 
 class AnalysisCallback(Callback):
-    """Analyse the model at the end of training into RUN/analysis/ and, when `every` > 0, after every `every`
-    validations into RUN/analysis/step_<N>/. Rank 0 only; the analyses need no collective operation."""
+    """Analyse the model at the end of training into RUN/analysis/ and, when `every` > 0, after every `every`-th
+    validation into RUN/analysis/step_<global step>/. Rank 0 only; the analyses need no collective operation.
 
-    def __init__(self, run_dir: Path, every: int = 0) -> None:
-        self.run_dir, self.every = Path(run_dir), every
-        self.validations = 0
+    The schedule is a function of the global step (validation number = step // val_check_interval), so a resumed
+    run keeps it."""
+
+    def __init__(self, run_dir: Path, every: int = 0, val_check_interval: int = 1) -> None:
+        self.run_dir, self.every, self.val_check_interval = Path(run_dir), every, val_check_interval
         self.result: AnalysisResult | None = None
 
     def _analyse(self, trainer: pl.Trainer, module: pl.LightningModule, out_dir: Path, final: bool) -> None:
         if not trainer.is_global_zero:
             return
-        self.result = analyze(module, out_dir, module.val_curves or None)
+        # validation hooks run under inference mode; the in-context map and the alignment need autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            self.result = analyze(module, out_dir, module.val_curves or None)
         log_analysis(trainer.loggers, self.result.scalars, self.result.figures, trainer.global_step, summary=final)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self.every:
+        step = trainer.global_step
+        if trainer.sanity_checking or not self.every or step >= trainer.max_steps:
             return
-        self.validations += 1
-        if self.validations % self.every == 0 and trainer.global_step < trainer.max_steps:
-            self._analyse(trainer, pl_module, self.run_dir / ANALYSIS_DIR / f"step_{trainer.global_step}", final=False)
+        if (step // self.val_check_interval) % self.every == 0:
+            self._analyse(trainer, pl_module, self.run_dir / ANALYSIS_DIR / f"step_{step}", final=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._analyse(trainer, pl_module, self.run_dir / ANALYSIS_DIR, final=True)

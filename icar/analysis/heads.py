@@ -6,6 +6,8 @@ key-query matrices M_h = Q_h^T K_h and value-output matrices O_h V_h by normalis
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -22,10 +24,10 @@ def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
 
 
 def mean_abs_offdiag(M: torch.Tensor) -> float:
-    """Mean |M_hh'| over h != h' (0 for a single head): 0 when the heads are orthogonal."""
+    """Mean |M_hh'| over h != h': 0 when the heads are orthogonal; NaN for a single head (nothing to compare)."""
     H = M.shape[0]
     if H < 2:
-        return 0.0
+        return math.nan
     off = ~torch.eye(H, dtype=torch.bool, device=M.device)  # (H, H)
     return M[off].abs().mean().item()
 

@@ -9,6 +9,8 @@ LayerNorm or softmax it is the map linearised at the actual query.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from icar.baselines import context_moments
@@ -70,15 +72,18 @@ def compare_in_context_maps(
 ) -> dict[str, float]:
     """W_hat of a one-layer augmented model against one-step GD's eta * Y_T and the true W, on contexts s_1..s_T.
 
+    GD runs on the real tokens the model sees (complex data: (Re, Im), with `gd_eta` tuned for that real GD).
+
     Cosines and relative errors are per sequence (Frobenius), then averaged; `icmap/gd1_scale` is the least-squares
     factor <W_hat, W_gd> / ||W_gd||^2 (1 when the model's step equals the tuned one). For the commuting family (shared
     basis `basis`, None = identity) `icmap/gd1_cosine_aligned` is the cosine up to the loss-preserving conjugation
     of `aligned_cosine`."""
     with torch.no_grad():
-        Y, _ = context_moments(s.to(torch.complex128 if s.is_complex() else torch.float64))
-        W_gd = real_matrix(gd_eta * Y[:, -1])  # (n, d', d'): one GD step from the pairs of s_1..s_T
-        W_true = real_matrix(W.to(W_gd.dtype if not W.is_complex() else torch.complex128))
-        W_hat, M = implied_maps(model, realify(s).to(next(model.parameters()).dtype))
+        tokens = realify(s)  # (n, T, d'): what the model sees ((Re, Im) for the unitary family)
+        Y, _ = context_moments(tokens.double())
+        W_gd = gd_eta * Y[:, -1]  # (n, d', d'): one real GD step from the pairs of s_1..s_T
+        W_true = real_matrix(W.to(torch.complex128 if W.is_complex() else torch.float64))
+        W_hat, M = implied_maps(model, tokens.to(next(model.parameters()).dtype))
         W_hat, M = W_hat.double(), M.double()
     gd_flat, hat_flat = W_gd.flatten(1), W_hat.flatten(1)
     aligned = {}
@@ -101,29 +106,35 @@ def aligned_cosine(W_hat: torch.Tensor, W_ref: torch.Tensor, basis: torch.Tensor
 
     Conjugation by such a G (it commutes with every W of the family) leaves the training loss unchanged, so a trained
     model may implement one GD step up to it: with claim 1's blocks, B Y A = eta G^T Y G when A = G, B = eta G^T.
-    The angles are fitted by Adam from phi = 0, one G shared by all sequences."""
+    The angles are fitted by Adam (one G shared by all sequences) from three starts, phi = 0 and +-2 pi / 3 for every
+    block, keeping the best: the cosine is not concave in phi."""
     from icar.data.contexts import rotation_blocks
 
     d = W_hat.shape[-1]
     Q = torch.eye(d, dtype=torch.float64) if basis is None else basis.to(torch.float64)
     W_hat, W_ref = W_hat.double().cpu(), W_ref.double().cpu()  # a few hundred small matrices: CPU
-    phi = torch.zeros(1, d // 2, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.Adam([phi], lr=0.05)
 
-    def cosine() -> torch.Tensor:
+    def cosine(phi: torch.Tensor) -> torch.Tensor:
         G = Q @ rotation_blocks(phi)[0] @ Q.T  # (d, d)
         return _cosine(W_hat, G.T @ W_ref @ G).mean()
 
+    best: tuple[float, list[float]] = (-math.inf, [])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # hundreds of tiny ops: the thread pool's overhead made them 8x slower on 2 cores
     try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                loss = -cosine()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        for start in (0.0, 2 * math.pi / 3, -2 * math.pi / 3):
+            phi = torch.full((1, d // 2), start, dtype=torch.float64, requires_grad=True)
+            optimizer = torch.optim.Adam([phi], lr=0.05)
+            with torch.enable_grad():
+                for _ in range(steps):
+                    loss = -cosine(phi)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            with torch.no_grad():
+                value = cosine(phi).item()
+            if value > best[0]:
+                best = (value, phi.detach()[0].tolist())
     finally:
         torch.set_num_threads(threads)
-    with torch.no_grad():
-        return cosine().item(), phi.detach()[0].tolist()
+    return best
