@@ -43,6 +43,7 @@ class ICARModule(pl.LightningModule):
         self.baselines = InContextBaselines(self.cfg.eval.gd_steps, self.cfg.data.T)
         self.t0 = self.model.first_position - 1  # first predicted position, 0-based
         self._val_sums: dict[str, torch.Tensor] = {}
+        self._baseline_sums: dict[str, torch.Tensor] | None = None  # this rank's, after its first full validation
         self.val_curves: dict[str, list[float]] = {}  # the last validation's per-position MSE, "model" and baselines
 
     # -- the forward pass shared by training, validation and analysis ------------------------------------------
@@ -104,11 +105,16 @@ class ICARModule(pl.LightningModule):
         s, W = batch
         pred, target = self.predict_sequences(s)
         self._accumulate("model", self.squared_error(pred, target))
-        for name, err in self.baseline_errors(s, W).items():
-            self._accumulate(name, err.to(target.real.dtype))
+        if self._baseline_sums is None:  # the validation set and the baselines never change: computed once
+            for name, err in self.baseline_errors(s, W).items():
+                self._accumulate(name, err.to(target.real.dtype))
         self._accumulate("count", torch.full_like(target[..., 0].real, 1.0))
 
     def on_validation_epoch_end(self) -> None:
+        if self._baseline_sums is not None:
+            self._val_sums.update(self._baseline_sums)
+        elif not self.trainer.sanity_checking:  # a full pass over this rank's share: keep its baseline sums
+            self._baseline_sums = {n: v for n, v in self._val_sums.items() if n not in ("model", "count")}
         names = sorted(self._val_sums)
         stacked = torch.stack([self._val_sums[n] for n in names])  # (n_curves, T): this rank's sums
         stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")  # every rank's sequences, each once

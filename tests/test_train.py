@@ -201,3 +201,15 @@ def test_multirun_gives_one_wandb_run_per_job(tmp_path):
     assert len(ids) == 2
     seeds = [json.loads((tmp_path / job / "summary.json").read_text()) for job in ("0", "1")]
     assert seeds[0]["train/loss"] != seeds[1]["train/loss"]
+
+
+def test_baselines_are_evaluated_once_and_logged_every_validation(make_cfg, tmp_path, monkeypatch):
+    """The validation set is fixed, so the baselines' sums are computed in the first full validation and reused:
+    later validations log the same values without recomputing them."""
+    calls = []
+    original = ICARModule.baseline_errors
+    monkeypatch.setattr(ICARModule, "baseline_errors", lambda self, s, W: calls.append(len(s)) or original(self, s, W))
+    run(make_cfg(*FAST, "trainer.max_steps=6", "trainer.val_check_interval=2"))  # 3 validations + the sanity check
+    assert sum(calls) == 16 + 16  # the sanity check's 2 batches, then one full pass over the 16 sequences
+    logged = [r["val/gd2/mse"] for r in read_metrics(tmp_path / "run") if "val/gd2/mse" in r]
+    assert len(logged) == 3 and len(set(logged)) == 1

@@ -168,7 +168,7 @@ def analyze_run_dir(run_dir: Path, checkpoint: str = "last", device: str = "cpu"
         found = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.ckpt"))
         raise FileNotFoundError(f"{ckpt} does not exist (checkpoints here: {found or 'none'}); is {run_dir} a run folder?")
     module = ICARModule.load_from_checkpoint(ckpt, map_location=device)
-    module.tune_baselines()  # no-op: the tuned step sizes are in the checkpoint
+    module.tune_baselines()  # a no-op unless the checkpoint predates the saved step sizes
     data = module.cfg.data
     s, W = SequenceSampler(data).sample(data.val_size, torch.Generator().manual_seed(data.val_seed))  # the val set
     curves = evaluate_curves(module, s, W)
