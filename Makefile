@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(CONSTRAINTS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full bench clean
+.PHONY: help install train test test-full bench bench-baselines clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-full: $(STAMP) ## Run every test, the slow scientific checks included
 
 bench: $(STAMP) ## Print training throughput, data-sampling share and Lightning overhead
 	$(PY) scripts/bench_train.py $(ARGS)
+
+bench-baselines: $(STAMP) ## Time GD step-size tuning and the baselines' evaluation (vs the explicit recursion)
+	$(PY) scripts/bench_baselines.py $(ARGS)
 
 clean: ## Remove run folders (runs/, multirun/); keeps .venv
 	rm -rf runs multirun outputs lightning_logs
