@@ -1,8 +1,10 @@
-"""Recompute the analyses of finished runs from their checkpoints, offline (no W&B):
+"""Recompute the analyses of finished runs from their checkpoints, or aggregate a sweep, offline (no W&B):
 
     python scripts/analyze.py RUN_DIR [RUN_DIR ...] [--checkpoint best]
+    python scripts/analyze.py SWEEP_DIR            # a Hydra multirun folder: its run folders, aggregated
 
-Each RUN_DIR/analysis/ receives the figures (PNG + PDF) and analysis.json (numbers, GD step sizes, curves).
+Each RUN_DIR/analysis/ receives the figures (PNG + PDF) and analysis.json (numbers, GD step sizes, curves); a
+SWEEP_DIR/aggregate/ receives runs.csv (one row per run) and the MSE against every swept value, GD overlaid.
 """
 
 from __future__ import annotations
@@ -16,19 +18,24 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from icar.analysis.analyze import ANALYSIS_FILE, analyze_run_dir  # noqa: E402
+from icar.analysis.sweep import aggregate, find_runs  # noqa: E402
 
 HEADLINE = ("summary/", "heads/", "P/", "C/", "theory/", "icmap/")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (each with checkpoints/)")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (with checkpoints/) or sweep folders")
     parser.add_argument("--checkpoint", default="last", help="checkpoint name in RUN/checkpoints/ (last, best, ...)")
     parser.add_argument("--device", default="cpu", help="torch device for the evaluation (cpu, cuda)")
     args = parser.parse_args()
 
     failed = 0
     for run_dir in tqdm(args.run_dirs, desc="analysing runs", disable=len(args.run_dirs) == 1):
+        if not (run_dir / "checkpoints").is_dir() and find_runs(run_dir):  # a sweep folder
+            figures = aggregate(run_dir)
+            print(f"{run_dir}/aggregate: {len(find_runs(run_dir))} runs -> " + ", ".join(sorted(figures)))
+            continue
         try:
             result = analyze_run_dir(run_dir, args.checkpoint, args.device)
         except (FileNotFoundError, ValueError) as err:
