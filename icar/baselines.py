@@ -66,6 +66,11 @@ class Spectral:
         return torch.einsum("btij,...btj->...bti", self.YU, f * self.a)
 
 
+def _chunk_size(T: int, d: int, steps: int) -> int:
+    """Sequences per batch chunk so that the (steps, chunk, T, d) x d work stays near CHUNK_ELEMENTS."""
+    return max(1, CHUNK_ELEMENTS // (T * d * d * max(1, steps)))
+
+
 def gd_predictions(spec: Spectral, eta: torch.Tensor) -> torch.Tensor:
     """Predictions of k = 1..K steps of GD from W' = 0 (K, B, T, d); eta (K, T): the step of k steps at position t."""
     K = eta.shape[0]
@@ -113,7 +118,7 @@ def tune_gd_step_sizes(s: torch.Tensor, steps: int) -> torch.Tensor:
     """
     B, T1, d = s.shape
     T = T1 - 1
-    chunk = max(1, CHUNK_ELEMENTS // (T * d * d * steps))  # bounds the (steps, chunk, T, d, d)-sized work
+    chunk = _chunk_size(T, d, steps)
     parts = [(Spectral(s[i : i + chunk, :-1]), _wide(s[i : i + chunk, 1:])) for i in range(0, B, chunk)]
     scale = _wide(s[:, :-1]).abs().square().sum(-1).mean().item() or 1.0  # E||s_t||^2
 
@@ -166,7 +171,7 @@ class InContextBaselines:
     def tune(self, s: torch.Tensor) -> None:
         """Tune eta for each (k, t) on held-out sequences s_1..s_{T+1} (B, T+1, d)."""
         if self.max_gd_steps:
-            self.gd_eta = tune_gd_step_sizes(s.cpu(), self.max_gd_steps).cpu()
+            self.gd_eta = tune_gd_step_sizes(s.cpu(), self.max_gd_steps)
 
     def __call__(self, s: torch.Tensor, W: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predictions (B, T, d) of every baseline for the contexts s_1..s_T (B, T, d) of contexts W (B, d, d)."""
@@ -177,7 +182,7 @@ class InContextBaselines:
         wide = s if device.type != "mps" else s.cpu()  # no float64 on Apple GPUs: the spectral work runs on the CPU
         B, T, d = s.shape
         eta = self.gd_eta[:, :T].to(wide.device)
-        chunk = max(1, CHUNK_ELEMENTS // (T * d * d * max(1, self.max_gd_steps)))
+        chunk = _chunk_size(T, d, self.max_gd_steps)
         parts: dict[str, list[torch.Tensor]] = {}
         for i in range(0, B, chunk):
             spec = Spectral(wide[i : i + chunk])
