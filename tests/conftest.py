@@ -47,3 +47,22 @@ def make_cfg(tmp_path: Path):
         return compose_train(tmp_path / sub, *overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """SQLAlchemy URL of a throwaway PostgreSQL server started for the session (tests/postgres.py).
+    Skipped where PostgreSQL is not installed, unless ICAR_REQUIRE_POSTGRES=1 (CI), where it fails."""
+    from tests.postgres import PostgresUnavailable, find_bindir, postgres_server, require_postgres
+
+    try:
+        find_bindir()
+        missing = None
+    except PostgresUnavailable as e:
+        missing = str(e)
+    if missing and require_postgres():
+        pytest.fail(f"{missing} (ICAR_REQUIRE_POSTGRES=1, so not skipped)", pytrace=False)
+    if missing:
+        pytest.skip(missing)
+    with postgres_server() as server:
+        yield server.url
