@@ -1,0 +1,1 @@
+"""icar's Hydra sweeper on Optuna's ask-and-tell API (`hydra/sweeper=icar_optuna`; see config.py)."""

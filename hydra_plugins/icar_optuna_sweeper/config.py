@@ -1,0 +1,32 @@
+"""The sweeper's config, registered as `hydra/sweeper=icar_optuna` when Hydra scans its plugins.
+
+The published hydra-optuna-sweeper pins optuna<3; this one runs on the current Optuna. Hydra imports this module on
+every start (composition included), so nothing here imports optuna.
+"""
+
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional  # no `from __future__ import annotations`: Hydra execs this module unregistered, which breaks string annotations in dataclasses
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class IcarOptunaSweeperConf:
+    _target_: str = "hydra_plugins.icar_optuna_sweeper.sweeper.IcarOptunaSweeper"
+    study_name: str = "${name}"
+    storage: Optional[str] = None  # null: sqlite:///<hydra.sweep.dir>/optuna.db; postgresql://... to share a study
+    direction: str = "minimize"  # minimize | maximize
+    objective: str = "val/mse"  # the metric (a key of the job's returned summary) the study optimises and prunes on
+    n_trials: int = 20  # the study's total: a re-run resumes and stops once the study holds this many trials
+    n_jobs: int = 1  # trials launched together (run in parallel by a parallel launcher such as joblib)
+    sampler: str = "tpe"  # tpe | random | grid
+    seed: Optional[int] = None  # the sampler's seed
+    sampler_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {n_startup_trials: 5} for tpe
+    pruner: str = "none"  # none | median | percentile | successive_halving | hyperband
+    pruner_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {n_startup_trials: 2, n_warmup_steps: 200}
+    params: Optional[Dict[str, str]] = None  # key -> override grammar: choice(...), range(...), interval(...), tag(log, ...)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="icar_optuna", node=IcarOptunaSweeperConf,
+                             provider="icar")

@@ -1,0 +1,151 @@
+"""The Optuna sweeper plugin (hydra_plugins/icar_optuna_sweeper) end to end, through `scripts/train.py -m`: a study
+resumed after its sweeper is killed, a raising trial, pruning through the shared storage, two workers on one
+PostgreSQL study; and the search-space grammar."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from icar.tuning import SearchSpaceError, override_value, parse_search_space
+from tests.conftest import FAST, REPO
+
+QUIET = ["eval.gd_steps=1", "eval.analysis=false", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0"]
+
+
+def sweep_command(sweep_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "scripts/train.py", "-m", *FAST, *QUIET, f"hydra.sweep.dir={sweep_dir}", *overrides]
+
+
+def run_sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(sweep_command(sweep_dir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def sqlite_study(sweep_dir: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+
+
+def test_study_resumes_after_the_sweeper_is_killed(tmp_path):
+    """4 trials on SQLite; the sweeper is killed (SIGKILL) once 2 are complete; the same command again ends with
+    exactly 4 trials, numbered 0..3, all complete, each with its run folder: the trial left running is run again
+    under its own number, and n_trials counts the study's total."""
+    sweep = tmp_path / "search"
+    overrides = ("hparams_search=linear_lr", "hydra.sweeper.n_trials=4", "trainer.max_steps=30",
+                 "trainer.val_check_interval=10")
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen(sweep_command(sweep, *overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        complete: list = []
+        while len(complete) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+            try:
+                complete = sqlite_study(sweep, "search_linear_lr").get_trials(states=(TrialState.COMPLETE,))
+            except Exception:  # the study or its database does not exist yet
+                continue
+        proc.kill()
+        proc.wait()
+    killed = sqlite_study(sweep, "search_linear_lr").get_trials()
+    assert 2 <= len(killed) <= 3 and sum(t.state == TrialState.COMPLETE for t in killed) >= 2
+
+    run_sweep(sweep, *overrides)
+    trials = sqlite_study(sweep, "search_linear_lr").get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state) for t in trials]
+    for t in killed:  # finished trials keep their result; the one left running was run again, same params
+        same = trials[t.number]
+        assert same.params == t.params
+        if t.state == TrialState.COMPLETE:
+            assert same.value == t.value
+    for t in trials:
+        assert (sweep / f"trial_{t.number}" / "summary.json").is_file()
+        assert t.user_attrs["run_dir"] == str(sweep / f"trial_{t.number}")
+        assert 1e-4 <= t.params["optim.lr"] <= 1e-1 and t.params["optim.schedule"] in ("constant", "cosine")
+    results = (sweep / "optuna_results.yaml").read_text()
+    assert "n_trials: 4" in results and "best_params" in results
+
+
+def test_a_raising_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
+    """A grid from the command line alone (no preset): the two trials with n_heads=0 raise (config error), the two
+    others complete, the sweep exits 0, and the failures carry their error."""
+    sweep = tmp_path / "search"
+    run_sweep(sweep, "hydra/sweeper=icar_optuna", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=10",
+              "model.n_heads=choice(0,1)", "seed=choice(0,1)")
+    trials = sqlite_study(sweep, "default").get_trials()
+    assert len(trials) == 4  # n_trials is capped at the grid's 4 points
+    assert sorted((t.params["model.n_heads"], t.params["seed"]) for t in trials) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for t in trials:
+        if t.params["model.n_heads"] == 0:
+            assert t.state == TrialState.FAIL and "model.n_heads must be >= 1" in t.user_attrs["error"]
+        else:
+            assert t.state == TrialState.COMPLETE and t.value > 0
+
+
+def test_a_lagging_trial_is_pruned_through_the_shared_storage(tmp_path):
+    """The median pruner, rebuilt by the job from the sweep's study file: after one complete trial at a useful
+    learning rate, a trial at lr=1e-7 reports a worse val/mse at its first validation and is stopped there."""
+    sweep = tmp_path / "search"
+    common = ("hydra/sweeper=icar_optuna", "hydra.sweeper.pruner=median", "trainer.max_steps=12",
+              "data.batch_size=64", "++hydra.sweeper.pruner_kwargs={n_startup_trials:1,n_warmup_steps:0}")
+    run_sweep(sweep, *common, "hydra.sweeper.n_trials=1", "optim.lr=interval(0.01,0.01)")
+    run_sweep(sweep, *common, "hydra.sweeper.n_trials=2", "optim.lr=interval(1e-7,1e-7)")
+    first, second = sqlite_study(sweep, "default").get_trials()
+    assert first.state == TrialState.COMPLETE and sorted(first.intermediate_values) == [2, 4, 6, 8, 10, 12]
+    assert second.state == TrialState.PRUNED
+    assert list(second.intermediate_values) == [2]  # stopped at its first report
+    assert second.intermediate_values[2] > first.intermediate_values[2]
+    assert not (sweep / "trial_1" / "summary.json").exists()
+
+    changed = subprocess.run(sweep_command(sweep, *common, "hydra.sweeper.n_trials=3", "optim.lr=choice(0.1,0.2)"),
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert changed.returncode != 0 and "start a new study" in changed.stderr  # a float became a choice
+    assert len(sqlite_study(sweep, "default").get_trials()) == 2
+
+
+def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url):
+    """Two sweepers started together against one PostgreSQL study (n_trials=4 in all), each in its own folder as on
+    two machines: 4 trials, numbers 0..3 each run once, by both workers."""
+    overrides = ("hparams_search=linear_lr", f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.n_trials=4",
+                 "trainer.max_steps=20", "trainer.val_check_interval=10")
+    logs = [(tmp_path / f"worker{i}.log").open("w") for i in range(2)]
+    workers = [subprocess.Popen(sweep_command(tmp_path / f"worker{i}", *overrides), cwd=REPO, stdout=logs[i],
+                                stderr=subprocess.STDOUT) for i in range(2)]
+    for i, worker in enumerate(workers):
+        assert worker.wait(timeout=600) == 0, (tmp_path / f"worker{i}.log").read_text()[-3000:]
+        logs[i].close()
+    trials = optuna.load_study(study_name="search_linear_lr", storage=postgres_url).get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    run_dirs = sorted(p.name for i in range(2) for p in (tmp_path / f"worker{i}").glob("trial_*"))
+    assert run_dirs == ["trial_0", "trial_1", "trial_2", "trial_3"]  # each trial ran once, in one worker
+    assert len({t.user_attrs["sweeper"] for t in trials}) == 2  # both workers took trials
+
+
+def test_search_space_grammar():
+    """Hydra's override grammar into Optuna distributions; a later entry for a key wins; fixed values pass through."""
+    space = parse_search_space(
+        {"optim.lr": "tag(log, interval(1e-4, 1e-1))", "model.n_layers": "range(1,9)", "seed": "0"},
+        ["model.attention=linear,softmax", "model.n_heads=tag(int, interval(1, 8))", "seed=3", "data.T=choice(10,20)"],
+    )
+    d = space.distributions
+    assert d["optim.lr"] == FloatDistribution(1e-4, 1e-1, log=True)
+    assert d["model.n_layers"] == IntDistribution(1, 8)
+    assert d["model.attention"] == CategoricalDistribution(["linear", "softmax"])
+    assert d["model.n_heads"] == IntDistribution(1, 8)
+    assert d["data.T"] == CategoricalDistribution([10, 20])
+    assert space.fixed == ["seed=3"]
+    with pytest.raises(SearchSpaceError, match="interval"):
+        space.grid()
+    grid = parse_search_space({}, ["model.n_layers=range(1,4)", "optim.lr=0.1,0.2"]).grid()
+    assert grid == {"model.n_layers": [1, 2, 3], "optim.lr": [0.1, 0.2]}
+    assert [override_value(v) for v in (0.001, True, None, "cosine", "a b")] == ["0.001", "true", "null", "cosine",
+                                                                                 "'a b'"]
