@@ -5,11 +5,16 @@ VENV ?= .venv
 # already in $(VENV): make install CONSTRAINTS=constraints-gpu.txt (the same pins, torch left alone).
 CONSTRAINTS ?= constraints.txt
 ARGS ?=
+# Sweeps: SCALE=quick runs sweeps/<name>_quick.yaml (CPU, minutes), SCALE=paper sweeps/<name>.yaml (GPUs).
+SCALE ?= paper
+SWEEP_SUFFIX = $(if $(filter quick,$(SCALE)),_quick,$(if $(filter paper,$(SCALE)),,$(error SCALE must be quick or paper, got '$(SCALE)')))
+# make dashboard: the newest Optuna study below multirun/ unless STORAGE=sqlite:///... or postgresql://... is given
+STORAGE ?= $(shell ls -t multirun/*/optuna.db multirun/*/*/optuna.db 2>/dev/null | head -n 1 | sed 's|^|sqlite:///|')
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(CONSTRAINTS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full bench bench-baselines clean
+.PHONY: help install train test test-full bench bench-baselines sweep-depth sweep-heads sweep-T sweep-d dashboard clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +41,22 @@ bench: $(STAMP) ## Print training throughput, data-sampling share and Lightning 
 
 bench-baselines: $(STAMP) ## Time GD step-size tuning and the baselines' evaluation (vs the explicit recursion)
 	$(PY) scripts/bench_baselines.py $(ARGS)
+
+sweep-depth: $(STAMP) ## MSE vs depth against L GD steps (SCALE=quick: CPU, < 10 min; ARGS="hydra/launcher=gpus")
+	$(PY) scripts/train.py -m --config-dir sweeps --config-name depth$(SWEEP_SUFFIX) $(ARGS)
+
+sweep-heads: $(STAMP) ## MSE and head orthogonality vs the number of heads (SCALE=quick | paper)
+	$(PY) scripts/train.py -m --config-dir sweeps --config-name heads$(SWEEP_SUFFIX) $(ARGS)
+
+sweep-T: $(STAMP) ## MSE vs context length T against one GD step (SCALE=quick | paper)
+	$(PY) scripts/train.py -m --config-dir sweeps --config-name T$(SWEEP_SUFFIX) $(ARGS)
+
+sweep-d: $(STAMP) ## MSE vs dimension d against one GD step (SCALE=quick | paper)
+	$(PY) scripts/train.py -m --config-dir sweeps --config-name d$(SWEEP_SUFFIX) $(ARGS)
+
+dashboard: $(STAMP) ## Open optuna-dashboard on the newest study (or STORAGE=sqlite:///... | postgresql://...)
+	@test -n "$(STORAGE)" || { echo "no Optuna study below multirun/: give STORAGE=sqlite:///path/optuna.db"; exit 1; }
+	$(VENV)/bin/optuna-dashboard $(STORAGE) $(ARGS)
 
 clean: ## Remove run folders (runs/, multirun/); keeps .venv
 	rm -rf runs multirun outputs lightning_logs

@@ -313,9 +313,18 @@ def run_dir_for(ckpt_path: str | None, default: str) -> str:
     return default
 
 
+def gpu_count() -> int:
+    """GPUs visible to this process, at least 1 (conf/hydra/launcher/gpus.yaml: one parallel job per GPU)."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
 def register_configs() -> None:
-    """Register the schema (`train_schema`) with Hydra and the `icar_run_dir` resolver used by conf/train.yaml."""
+    """Register the schema (`train_schema`) with Hydra and the resolvers of conf/: `icar_run_dir` (train.yaml) and
+    `icar_gpu_count` (hydra/launcher/gpus.yaml)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("icar_run_dir", run_dir_for, replace=True)
+    OmegaConf.register_new_resolver("icar_gpu_count", gpu_count, replace=True)

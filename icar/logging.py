@@ -86,6 +86,31 @@ def wandb_mode(cfg: LoggerConfig) -> str:
     return "online" if has_wandb_key() else "offline"
 
 
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep: its folder below `multirun/` (`sweep_depth/2026-11-23_10-00-00`), else its name."""
+    parts = Path(sweep_dir).absolute().parts
+    return "/".join(parts[parts.index("multirun") + 1:]) if "multirun" in parts[:-1] else parts[-1]
+
+
+def sweep_context() -> tuple[str, dict[str, str]] | None:
+    """For a job of a Hydra multirun: its sweep's W&B group and the values of its swept keys (the keys of
+    `hydra.sweeper.params` when the sweep config lists them, else every override of the job); None otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra_cfg = HydraConfig.get()
+    params = set((hydra_cfg.sweeper.get("params") or {}).keys())
+    swept = {}
+    for line in hydra_cfg.overrides.task:
+        key, _, value = line.partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith("hydra.") and (not params or key in params):
+            swept[key] = value
+    return sweep_group(hydra_cfg.sweep.dir), swept
+
+
 def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config: dict[str, Any]) -> list[Logger]:
     """The JSONL record always; W&B or CSV as the mirror."""
     loggers: list[Logger] = [JsonlLogger(run_dir)]

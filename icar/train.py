@@ -7,8 +7,10 @@ sequences and over the predicted positions t >= model.first_position (PAPER.md s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import logging
 import math
 import os
 import sys
@@ -24,12 +26,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from icar.analysis.callback import AnalysisCallback
 from icar.baselines import InContextBaselines
-from icar.config import LossOn, Schedule, TrainConfig, available_devices, to_dataclass, to_plain_dict, validate
+from icar.config import (
+    LossOn,
+    Schedule,
+    TrainConfig,
+    TrainerConfig,
+    available_devices,
+    to_dataclass,
+    to_plain_dict,
+    validate,
+)
 from icar.data.datamodule import ARDataModule
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens, realify
-from icar.logging import build_loggers, log_curves
+from icar.devices import claim_devices, parallel_sweep_lock_dir
+from icar.logging import build_loggers, log_curves, sweep_context
 from icar.models import build_model
+
+log = logging.getLogger(__name__)
 
 
 class ICARModule(pl.LightningModule):
@@ -220,6 +234,27 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
+def sweep_job_devices(t: TrainerConfig) -> tuple[int | list[int], str, contextlib.ExitStack]:
+    """Devices and strategy of this job, and what it holds until it ends.
+
+    In a sweep whose jobs run in parallel on one machine (joblib: hydra/launcher=gpus), a GPU job takes free GPUs
+    of its own (`icar.devices.claim_devices`). In any local sweep, multi-device DDP uses ddp_spawn: plain ddp
+    re-executes the command line for every rank, which would restart the sweep (SLURM starts its own ranks).
+    """
+    held = contextlib.ExitStack()
+    devices: int | list[int] = t.devices
+    strategy = t.strategy
+    lock_dir = parallel_sweep_lock_dir()
+    if lock_dir is not None and torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda"):
+        devices = held.enter_context(claim_devices(t.devices, torch.cuda.device_count(), lock_dir))
+        log.info(f"this sweep job trains on GPU {devices}")
+    if sweep_context() is not None and t.devices * t.num_nodes > 1 and strategy in ("auto", "ddp") \
+            and "SLURM_JOB_ID" not in os.environ:
+        strategy = "ddp_spawn"
+        log.info("multi-device run inside a local sweep: strategy ddp_spawn instead of ddp")
+    return devices, strategy, held
+
+
 def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback] | None = None) -> dict[str, float]:
     """Train one model from a config; return the final scalar metrics (also saved as summary.json).
 
@@ -230,6 +265,11 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
     """
     cfg = to_dataclass(cfg)
     validate(cfg)
+    sweep = sweep_context()
+    if sweep is not None:  # a sweep's runs share one W&B group, tagged with their swept values
+        group, swept = sweep
+        cfg.logger.group = cfg.logger.group or group
+        cfg.logger.tags = [*cfg.logger.tags, *(f"{k}={v}"[:64] for k, v in swept.items())]
     run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
     config = to_plain_dict(cfg)
     if rank_zero_only.rank == 0:
@@ -262,10 +302,11 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
     if len(loggers) > 1:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     t = cfg.trainer
+    devices, strategy, claimed = sweep_job_devices(t)
     trainer = pl.Trainer(
         accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
+        devices=devices,
+        strategy=strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
         max_steps=t.max_steps,
@@ -288,6 +329,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     finally:
+        claimed.close()  # the GPUs this job held in a parallel sweep
         if wandb_loggers and rank_zero_only.rank == 0:
             import wandb
 

@@ -7,15 +7,19 @@ A run folder is any folder below the sweep holding config.yaml and summary.json 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import seaborn as sns
+from hydra.experimental.callback import Callback
 from matplotlib.ticker import MaxNLocator
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from icar.analysis.plots import plt, save_figure
 
+log = logging.getLogger(__name__)
 AGGREGATE_DIR = "aggregate"
 IGNORED_KEYS = ("run_dir", "ckpt_path", "seed", "name")  # differ between runs without being a swept choice
 IGNORED_PREFIXES = ("logger.", "trainer.enable_progress_bar")
@@ -53,13 +57,13 @@ def swept_keys(runs: pd.DataFrame) -> list[str]:
 
 
 def plot_metric_against(runs: pd.DataFrame, x: str, path_stem: Path, metric: str = "val/mse_last",
-                        hue: str | None = None) -> list[Path]:
-    """`metric` against the swept value `x` (mean and standard deviation over seeds, one line per `hue` value), with
+                        hue: str | None = None, log_y: bool = True) -> list[Path]:
+    """`metric` against the swept value `x` (mean over seeds, band from min to max, one line per `hue` value), with
     least squares and GD overlaid; against the depth `model.n_layers`, GD takes as many steps as the model has layers
     (PAPER.md claim 4), elsewhere one step."""
     data = runs.sort_values(x)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    sns.lineplot(data=data, x=x, y=metric, hue=hue, errorbar="sd", marker="o", ax=ax, label=None if hue else "model")
+    sns.lineplot(data=data, x=x, y=metric, hue=hue, errorbar=("pi", 100), marker="o", ax=ax, **({} if hue else {"label": "model"}))
     suffix = metric.split("/")[-1]  # mse or mse_last
     by_x = data.groupby(x)
     if x == "model.n_layers":
@@ -72,11 +76,19 @@ def plot_metric_against(runs: pd.DataFrame, x: str, path_stem: Path, metric: str
     ols = by_x[f"val/ols/{suffix}"].mean() if f"val/ols/{suffix}" in data else None
     if ols is not None and (ols > 1e-8).any():  # exact least squares (t > d) would only squash the axis
         ax.plot(list(by_x.groups), ols.clip(lower=1e-12).values, ":", color="tab:red", label="least squares")
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if log_y:
+        ax.set_yscale("log")
+    values = sorted(data[x].unique())
+    if values[0] > 0 and values[-1] / values[0] >= 16:  # H = 1..64, T = 10..100: evenly spaced on a log axis
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
@@ -95,4 +107,70 @@ def aggregate(sweep_dir: Path, metric: str = "val/mse_last") -> dict[str, list[P
             continue
         name = f"{metric.replace('/', '_')}_vs_{key}"
         figures[name] = plot_metric_against(runs, key, out / name, metric, hue)
+    if "model.n_heads" in keys:  # head orthogonality (PAPER.md section 6) against the number of heads
+        for column in sorted(c for c in runs.columns if c.startswith("analysis/heads/") and c.endswith("_offdiag")):
+            if runs[column].notna().any():
+                name = f"{column.replace('/', '_')}_vs_model.n_heads"
+                figures[name] = plot_metric_against(runs.dropna(subset=[column]), "model.n_heads", out / name,
+                                                    column, hue, log_y=False)
     return figures
+
+
+def log_aggregate_to_wandb(sweep_dir: Path, runs: pd.DataFrame, figures: dict[str, list[Path]]) -> None:
+    """The aggregate figures and table as one W&B run (job type `aggregate`) in the sweep's group, beside its runs;
+    online with a key, offline otherwise, like the runs themselves."""
+    import wandb
+
+    from icar.config import LoggerConfig, LoggerKind
+    from icar.logging import sweep_group, wandb_mode
+
+    def first(column: str) -> str | None:
+        values = runs[column].dropna() if column in runs else []
+        return str(values.iloc[0]) if len(values) else None
+
+    if first("logger.kind") not in (None, LoggerKind.wandb.value):
+        return
+    logger_cfg = LoggerConfig(project=first("logger.project") or "icar", entity=first("logger.entity"))
+    group = first("logger.group") or sweep_group(sweep_dir)
+    out = Path(sweep_dir) / AGGREGATE_DIR
+    run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=group, job_type="aggregate",
+                     name=f"{group}/aggregate", dir=str(out), reinit="create_new",
+                     settings=wandb.Settings(mode=wandb_mode(logger_cfg), silent=True, init_timeout=60))
+    try:
+        images = {f"aggregate/{name}": wandb.Image(str(p)) for name, paths in figures.items()
+                  for p in paths if p.suffix == ".png"}
+        table = runs[[c for c in runs.columns if pd.api.types.is_numeric_dtype(runs[c]) or c.startswith("model.")]]
+        run.log({**images, "aggregate/runs": wandb.Table(dataframe=table)})
+    finally:
+        run.finish()
+
+
+def finish_sweep(sweep_dir: Path, title: str, log_to_wandb: bool = True) -> Path:
+    """Aggregate the run folders (aggregate/runs.csv and figures), write aggregate/report.html and log the figures
+    to W&B in the sweep's group; return the report's path."""
+    from icar.analysis.report import write_html_report
+
+    sweep_dir = Path(sweep_dir)
+    figures = aggregate(sweep_dir)
+    runs = pd.read_csv(sweep_dir / AGGREGATE_DIR / "runs.csv")
+    pngs = [p for paths in figures.values() for p in paths if p.suffix == ".png"]
+    report = write_html_report(sweep_dir, runs, pngs, swept_keys(runs), title)
+    if log_to_wandb:
+        log_aggregate_to_wandb(sweep_dir, runs, figures)
+    log.info(f"aggregate of {len(runs)} runs: {sweep_dir / AGGREGATE_DIR / 'runs.csv'}, {len(pngs)} figures, "
+             f"{report}")
+    return report
+
+
+class AggregateOnSweepEnd(Callback):
+    """Hydra callback of the sweep configs (`sweeps/*.yaml`): `finish_sweep` once every job has ended. Hydra turns a
+    callback's exception into a warning, so a failure is logged as an error naming the command that redoes it."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            finish_sweep(sweep_dir, f"icar sweep {config.name}")
+        except Exception:
+            log.exception(f"aggregating {sweep_dir} failed; redo it with: python scripts/analyze.py {sweep_dir} "
+                          f"&& python scripts/report.py {sweep_dir}")
+            raise
