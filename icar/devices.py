@@ -35,9 +35,11 @@ def claim_devices(n: int, total: int, lock_dir: Path, poll_s: float = 1.0,
                 f = open(lock_dir / f"device{index}.lock", "a")
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                except BaseException as err:
                     f.close()
-                    continue
+                    if isinstance(err, BlockingIOError):
+                        continue
+                    raise
                 held.append((index, f))
                 if len(held) == n:
                     break
@@ -59,15 +61,21 @@ def _release(held: list[tuple[int, IO[str]]]) -> None:
     held.clear()
 
 
+def sweep_launcher() -> str | None:
+    """The launcher (`_target_`) of the Hydra multirun this job belongs to; None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().launcher.get("_target_", ""))
+
+
 def parallel_sweep_lock_dir() -> Path | None:
     """Where this job's device locks live when it runs under the joblib launcher (jobs in parallel on this
     machine): `<sweep dir>/.devices/<host>`; None for a single run or another launcher."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    if "JoblibLauncher" not in (sweep_launcher() or ""):
         return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN or "JoblibLauncher" not in str(hydra_cfg.launcher.get("_target_", "")):
-        return None
-    return Path(hydra_cfg.sweep.dir).absolute() / ".devices" / socket.gethostname()
+    return Path(HydraConfig.get().sweep.dir).absolute() / ".devices" / socket.gethostname()

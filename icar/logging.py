@@ -93,20 +93,30 @@ def sweep_group(sweep_dir: str | Path) -> str:
 
 
 def sweep_context() -> tuple[str, dict[str, str]] | None:
-    """For a job of a Hydra multirun: its sweep's W&B group and the values of its swept keys (the keys of
-    `hydra.sweeper.params` when the sweep config lists them, else every override of the job); None otherwise."""
+    """For a job of a Hydra multirun: its sweep's W&B group and the values of its swept keys; None otherwise.
+
+    The swept keys are those of `hydra.sweeper.params` and those swept on the sweep's command line (read from the
+    `multirun.yaml` the sweeper saved); without either, every override of the job.
+    """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     hydra_cfg = HydraConfig.get()
-    params = set((hydra_cfg.sweeper.get("params") or {}).keys())
+    keys = {k.lstrip("+~") for k in (hydra_cfg.sweeper.get("params") or {})}
+    saved = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if saved.is_file():
+        command_line = list(OmegaConf.load(saved).hydra.overrides.task)
+        keys |= {o.get_key_element().lstrip("+~") for o in OverridesParser.create().parse_overrides(command_line)
+                 if o.is_sweep_override()}
     swept = {}
     for line in hydra_cfg.overrides.task:
         key, _, value = line.partition("=")
         key = key.lstrip("+~")
-        if not key.startswith("hydra.") and (not params or key in params):
+        if not key.startswith("hydra.") and (not keys or key in keys):
             swept[key] = value
     return sweep_group(hydra_cfg.sweep.dir), swept
 

@@ -39,7 +39,7 @@ from icar.config import (
 from icar.data.datamodule import ARDataModule
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens, realify
-from icar.devices import claim_devices, parallel_sweep_lock_dir
+from icar.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
 from icar.logging import build_loggers, log_curves, sweep_context
 from icar.models import build_model
 
@@ -248,8 +248,9 @@ def sweep_job_devices(t: TrainerConfig) -> tuple[int | list[int], str, contextli
     if lock_dir is not None and torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda"):
         devices = held.enter_context(claim_devices(t.devices, torch.cuda.device_count(), lock_dir))
         log.info(f"this sweep job trains on GPU {devices}")
-    if sweep_context() is not None and t.devices * t.num_nodes > 1 and strategy in ("auto", "ddp") \
-            and "SLURM_JOB_ID" not in os.environ:
+    launcher = sweep_launcher()
+    if launcher is not None and "submitit" not in launcher and t.devices * t.num_nodes > 1 \
+            and strategy in ("auto", "ddp"):
         strategy = "ddp_spawn"
         log.info("multi-device run inside a local sweep: strategy ddp_spawn instead of ddp")
     return devices, strategy, held
@@ -303,37 +304,37 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     t = cfg.trainer
     devices, strategy, claimed = sweep_job_devices(t)
-    trainer = pl.Trainer(
-        accelerator=t.accelerator,
-        devices=devices,
-        strategy=strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        max_steps=t.max_steps,
-        val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=None,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic,
-        gradient_clip_val=cfg.optim.grad_clip or None,
-        logger=loggers,
-        callbacks=callbacks,
-        use_distributed_sampler=False,  # the DataModule shards validation itself, without padding
-        default_root_dir=str(run_dir),
-        enable_model_summary=False,
-    )
-    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
-    if rank_zero_only.rank == 0:
-        for lg in wandb_loggers:
-            lg.experiment  # create the run in this process, before any fork (ddp_fork, multirun jobs)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    finally:
-        claimed.close()  # the GPUs this job held in a parallel sweep
-        if wandb_loggers and rank_zero_only.rank == 0:
-            import wandb
+    with claimed:  # the GPUs this job holds in a parallel sweep, released however the run ends
+        trainer = pl.Trainer(
+            accelerator=t.accelerator,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            max_steps=t.max_steps,
+            val_check_interval=t.val_check_interval,
+            check_val_every_n_epoch=None,
+            log_every_n_steps=t.log_every_n_steps,
+            enable_progress_bar=t.enable_progress_bar,
+            deterministic=t.deterministic,
+            gradient_clip_val=cfg.optim.grad_clip or None,
+            logger=loggers,
+            callbacks=callbacks,
+            use_distributed_sampler=False,  # the DataModule shards validation itself, without padding
+            default_root_dir=str(run_dir),
+            enable_model_summary=False,
+        )
+        wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+        if rank_zero_only.rank == 0:
+            for lg in wandb_loggers:
+                lg.experiment  # create the run in this process, before any fork (ddp_fork, multirun jobs)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        finally:
+            if wandb_loggers and rank_zero_only.rank == 0:
+                import wandb
 
-            wandb.finish()  # one W&B run per Hydra job: the next job must not log into this one
+                wandb.finish()  # one W&B run per Hydra job: the next job must not log into this one
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
     if analysis is not None and analysis.result is not None:

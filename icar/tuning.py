@@ -170,25 +170,37 @@ def exclusive_ask(url: str, study_name: str) -> Iterator[None]:
         import sqlalchemy
 
         key = zlib.crc32(study_name.encode())
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
+        # autocommit: no transaction left idle while the lock is held (idle_in_transaction_session_timeout)
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
     elif url.startswith("sqlite:///"):
         import fcntl
 
-        with open(url.removeprefix("sqlite:///") + ".lock", "a") as lock:
+        with open(url.removeprefix("sqlite:///") + f".{zlib.crc32(study_name.encode()):08x}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-    else:
+    else:  # another RDB: asks are not serialised, so workers sharing it may overshoot n_trials by a few
         yield
+
+
+def hide_password(url: str) -> str:
+    """A storage URL fit for logs."""
+    if "://" not in url or url.startswith("sqlite"):
+        return url
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 class OptunaPruning(Callback):
@@ -221,6 +233,7 @@ def write_study_file(path: Path, url: str, study_name: str, pruner: str, pruner_
                      monitor: str) -> None:
     path.write_text(json.dumps({"storage": url, "study_name": study_name, "pruner": pruner,
                                 "pruner_kwargs": pruner_kwargs, "monitor": monitor}, indent=2) + "\n")
+    path.chmod(0o600)  # the storage URL may hold a database password
 
 
 def trial_callbacks() -> list[Callback]:

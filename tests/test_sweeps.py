@@ -77,12 +77,13 @@ def test_every_sweep_config_composes_into_valid_runs(name, scale):
 
 
 def test_reduced_sweep_ends_with_its_aggregate_report_and_wandb_group(tmp_path):
-    """sweeps/depth_quick.yaml cut to 2 depths x 2 attention kinds x 1 seed and a few steps, W&B offline: the
-    runs share one W&B group (the sweep folder) and carry their swept values as tags; the end-of-sweep callback
-    writes runs.csv, the MSE-versus-depth figure, report.html and an offline W&B run of the aggregate."""
+    """sweeps/depth_quick.yaml narrowed on the command line to 2 depths x linear x 1 seed, extended by 2 learning
+    rates, a few steps, W&B offline: the runs share one W&B group (the sweep folder) and carry their swept values
+    as tags (the command line's lr included); the end-of-sweep callback writes runs.csv, the MSE-versus-depth
+    figure, report.html and an offline W&B run of the aggregate."""
     sweep = tmp_path / "multirun" / "sweep_depth_quick" / "t0"
     overrides = [o for o in FAST if not o.startswith("logger=")] + [
-        "logger.mode=offline", "model.n_layers=1,2", "seed=0",  # the command line narrows the grid
+        "logger.mode=offline", "model.n_layers=1,2", "seed=0", "model.attention=linear", "optim.lr=0.01,0.02",
         f"hydra.sweep.dir={sweep}"]
     cmd = [sys.executable, "scripts/train.py", "-m", "--config-dir", "sweeps", "--config-name", "depth_quick",
            *overrides]
@@ -94,27 +95,28 @@ def test_reduced_sweep_ends_with_its_aggregate_report_and_wandb_group(tmp_path):
     assert len(runs) == 4 and set(runs["logger.group"]) == {"sweep_depth_quick/t0"}
     for run_dir in runs["run_dir"]:
         tags = OmegaConf.load(Path(run_dir) / "config.yaml").logger.tags
-        assert {t.split("=")[0] for t in tags} == {"model.n_layers", "model.attention", "seed"}
+        assert {t.split("=")[0] for t in tags} == {"model.n_layers", "model.attention", "seed", "optim.lr"}
         assert list(Path(run_dir, "wandb").glob("offline-run-*"))
     for suffix in ("png", "pdf"):
         assert (sweep / "aggregate" / f"val_mse_last_vs_model.n_layers.{suffix}").stat().st_size > 0
     report = (sweep / "aggregate" / "report.html").read_text()
-    assert "val_mse_last_vs_model.n_layers" in report and "softmax" in report
+    assert "val_mse_last_vs_model.n_layers" in report and "optim.lr" in report
+    assert (sweep / "aggregate" / "val_mse_last_vs_optim.lr.png").is_file()
     assert list((sweep / "aggregate" / "wandb").glob("offline-run-*"))
 
 
 def test_joblib_launcher_runs_two_jobs_at_once(tmp_path):
     """hydra/launcher=joblib with n_jobs=2 on CPU: the two runs' logging intervals overlap in time."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "scripts/train.py", "-m", "seed=0,1", *FAST, "trainer.max_steps=40",
-           "trainer.val_check_interval=20", "eval.analysis=false", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    cmd = [sys.executable, "scripts/train.py", "-m", "seed=0,1", *FAST, "trainer.max_steps=300",
+           "trainer.val_check_interval=100", "eval.analysis=false", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
            f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spans = []  # from the run's start (config.yaml written) to its end (summary.json written)
     for job in ("0", "1"):
         spans.append(((sweep / job / "config.yaml").stat().st_mtime, (sweep / job / "summary.json").stat().st_mtime))
-        assert json.loads((sweep / job / "summary.json").read_text())["global_step"] == 40
+        assert json.loads((sweep / job / "summary.json").read_text())["global_step"] == 300
         assert read_metrics(sweep / job)
     (start0, end0), (start1, end1) = spans
     assert max(start0, start1) < min(end0, end1), spans  # both were training at the same moment
@@ -167,7 +169,8 @@ def test_multi_device_jobs_of_a_local_sweep_use_ddp_spawn(monkeypatch):
 
     trainer = TrainerConfig(accelerator="cpu", devices=2, strategy="ddp")
     assert train.sweep_job_devices(trainer)[:2] == (2, "ddp")  # not in a sweep
-    monkeypatch.setattr(train, "sweep_context", lambda: ("group", {}))
-    assert train.sweep_job_devices(trainer)[:2] == (2, "ddp_spawn")
-    monkeypatch.setenv("SLURM_JOB_ID", "1")
-    assert train.sweep_job_devices(trainer)[:2] == (2, "ddp")
+    for launcher, strategy in (("hydra._internal.core_plugins.basic_launcher.BasicLauncher", "ddp_spawn"),
+                               ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "ddp_spawn"),
+                               ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "ddp")):
+        monkeypatch.setattr(train, "sweep_launcher", lambda: launcher)
+        assert train.sweep_job_devices(trainer)[:2] == (2, strategy), launcher

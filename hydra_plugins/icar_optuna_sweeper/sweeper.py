@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -87,11 +87,16 @@ class IcarOptunaSweeper(Sweeper):
         tuning.write_study_file(study_file, url, self.study_name, self.pruner_name, self.pruner_kwargs, self.objective)
         self._check_compatible(study, space.distributions)
         n_before = len(study.get_trials(deepcopy=False))
-        log.info(f"Optuna study {self.study_name!r} in {url}: {n_before} trials so far, {n_trials} in all; "
-                 f"search space {', '.join(space.distributions)}")
+        log.info(f"Optuna study {self.study_name!r} in {tuning.hide_password(url)}: {n_before} trials so far, "
+                 f"{n_trials} in all; search space {', '.join(space.distributions)}")
 
         with tuning.exclusive_ask(url, self.study_name):
             orphans = self._adopt_orphans(study)
+            # A fixed seed must not replay the same proposals in every worker and on every resume: offset it by
+            # the trials the study holds when this sweeper first asks (counted under the lock, so workers differ).
+            if self.seed is not None:
+                study.sampler = tuning.build_sampler(self.sampler_name, self.seed + len(study.get_trials(deepcopy=False)),
+                                                     space, **self.sampler_kwargs)
         returns: list[Sequence[JobReturn]] = []
         while True:
             with tuning.exclusive_ask(url, self.study_name):
@@ -137,14 +142,19 @@ class IcarOptunaSweeper(Sweeper):
                         "keep the search space or start a new study (hydra.sweeper.study_name=...)") from None
 
     def _adopt_orphans(self, study: "optuna.Study") -> list["optuna.Trial"]:
-        """RUNNING trials whose sweeper process on this host is gone (killed, crashed): claimed to be run again."""
+        """RUNNING trials whose sweeper process on this host is gone (killed, crashed), or that have no owner (a
+        sweeper killed between asking and claiming; both happen under the ask lock, which the caller holds): claimed
+        to be run again. Not under submitit, whose jobs outlive the sweeper that launched them."""
         import optuna
 
+        if "submitit" in str(self.config.hydra.launcher.get("_target_", "")):
+            return []
         host = socket.gethostname()
         adopted = []
         for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            owner_host, _, pid = str(frozen.user_attrs.get(OWNER_ATTR, "")).rpartition(":")
-            if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            owner = frozen.user_attrs.get(OWNER_ATTR)
+            owner_host, _, pid = str(owner or "").rpartition(":")
+            if owner is None or (owner_host == host and pid.isdigit() and not _alive(int(pid))):
                 trial = optuna.Trial(study, frozen._trial_id)
                 trial.set_user_attr(OWNER_ATTR, self.owner)
                 adopted.append(trial)
@@ -172,17 +182,18 @@ class IcarOptunaSweeper(Sweeper):
         import optuna
 
         state = optuna.trial.TrialState
-        try:
-            value = result.return_value  # re-raises the job's exception when it failed
-        except optuna.TrialPruned as err:
-            study.tell(trial, state=state.PRUNED)
-            log.info(f"trial {trial.number} pruned: {err}")
+        if result.status != JobStatus.COMPLETED:
+            err = result._return_value  # the job's exception (`return_value` would re-raise it)
+            # under ddp_spawn a rank's TrialPruned reaches here wrapped in torch's ProcessRaisedException
+            if isinstance(err, optuna.TrialPruned) or "optuna.exceptions.TrialPruned" in str(err):
+                study.tell(trial, state=state.PRUNED)
+                log.info(f"trial {trial.number} pruned: {str(err).strip().splitlines()[-1]}")
+            else:  # a failing trial is recorded; the search goes on
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+                study.tell(trial, state=state.FAIL)
+                log.warning(f"trial {trial.number} failed ({type(err).__name__}: {err}); the search goes on")
             return
-        except Exception as err:  # a failing trial is recorded; the search goes on
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
-            study.tell(trial, state=state.FAIL)
-            log.warning(f"trial {trial.number} failed ({type(err).__name__}: {err}); the search goes on")
-            return
+        value = result.return_value
         if isinstance(value, dict):
             value = value.get(self.objective)
         if value is None or not math.isfinite(float(value)):

@@ -121,7 +121,7 @@ def log_aggregate_to_wandb(sweep_dir: Path, runs: pd.DataFrame, figures: dict[st
     online with a key, offline otherwise, like the runs themselves."""
     import wandb
 
-    from icar.config import LoggerConfig, LoggerKind
+    from icar.config import LoggerConfig, LoggerKind, WandbMode
     from icar.logging import sweep_group, wandb_mode
 
     def first(column: str) -> str | None:
@@ -130,7 +130,8 @@ def log_aggregate_to_wandb(sweep_dir: Path, runs: pd.DataFrame, figures: dict[st
 
     if first("logger.kind") not in (None, LoggerKind.wandb.value):
         return
-    logger_cfg = LoggerConfig(project=first("logger.project") or "icar", entity=first("logger.entity"))
+    logger_cfg = LoggerConfig(project=first("logger.project") or "icar", entity=first("logger.entity"),
+                              mode=WandbMode(first("logger.mode") or "auto"))
     group = first("logger.group") or sweep_group(sweep_dir)
     out = Path(sweep_dir) / AGGREGATE_DIR
     run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=group, job_type="aggregate",
