@@ -6,9 +6,16 @@ every start (composition included), so nothing here imports optuna.
 
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, Optional  # no `from __future__ import annotations`: Hydra execs this module unregistered, which breaks string annotations in dataclasses
 
 from hydra.core.config_store import ConfigStore
+
+
+# Enums, so that Hydra refuses a misspelt choice at composition, naming the key and the allowed values
+Direction = Enum("Direction", ["minimize", "maximize"])
+SamplerName = Enum("SamplerName", ["tpe", "random", "grid"])
+PrunerName = Enum("PrunerName", ["none", "median", "percentile", "successive_halving", "hyperband"])
 
 
 @dataclass
@@ -16,14 +23,14 @@ class IcarOptunaSweeperConf:
     _target_: str = "hydra_plugins.icar_optuna_sweeper.sweeper.IcarOptunaSweeper"
     study_name: str = "${name}"
     storage: Optional[str] = None  # null: sqlite:///<hydra.sweep.dir>/optuna.db; postgresql://... to share a study
-    direction: str = "minimize"  # minimize | maximize
+    direction: Direction = Direction.minimize
     objective: str = "val/mse"  # the metric (a key of the job's returned summary) the study optimises and prunes on
     n_trials: int = 20  # the study's total: a re-run resumes and stops once the study holds this many trials
     n_jobs: int = 1  # trials launched together (run in parallel by a parallel launcher such as joblib)
-    sampler: str = "tpe"  # tpe | random | grid
+    sampler: SamplerName = SamplerName.tpe
     seed: Optional[int] = None  # the sampler's seed
     sampler_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {n_startup_trials: 5} for tpe
-    pruner: str = "none"  # none | median | percentile | successive_halving | hyperband
+    pruner: PrunerName = PrunerName.none
     pruner_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {n_startup_trials: 2, n_warmup_steps: 200}
     params: Optional[Dict[str, str]] = None  # key -> override grammar: choice(...), range(...), interval(...), tag(log, ...)
 

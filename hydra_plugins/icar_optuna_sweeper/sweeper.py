@@ -43,6 +43,7 @@ class IcarOptunaSweeper(Sweeper):
     def __init__(self, study_name: str, storage: Optional[str], direction: str, objective: str, n_trials: int,
                  n_jobs: int, sampler: str, seed: Optional[int], sampler_kwargs: dict[str, Any], pruner: str,
                  pruner_kwargs: dict[str, Any], params: Optional[dict[str, str]]) -> None:
+        direction, sampler, pruner = (getattr(v, "name", v) for v in (direction, sampler, pruner))  # enums -> str
         if n_trials < 1 or n_jobs < 1:
             raise HydraException(f"hydra.sweeper.n_trials and n_jobs must be >= 1, got {n_trials} and {n_jobs}")
         if direction not in ("minimize", "maximize"):
