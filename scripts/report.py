@@ -26,26 +26,19 @@ from icar.analysis.report import (  # noqa: E402
     report_summary,
     write_html_report,
 )
-from icar.analysis.sweep import AGGREGATE_DIR, aggregate, swept_keys  # noqa: E402
+from icar.analysis.sweep import AGGREGATE_DIR, aggregate, first_value, swept_keys  # noqa: E402
 
 OFFLINE_MODES = ("offline", "disabled", "dryrun")  # WANDB_MODE values under which nothing reaches the server
 
 
-def first_value(runs: pd.DataFrame, column: str) -> str | None:
-    """The most common non-empty value of `column`, or None."""
-    values = runs[column].dropna().astype(str).str.strip() if column in runs else pd.Series(dtype=str)
-    values = values[values != ""]
-    return values.mode().iloc[0] if len(values) else None
-
-
 def default_group(runs: pd.DataFrame, sweep_dir: Path) -> str:
-    """The runs' `logger.group`, else the sweep folder relative to the repo's multirun/ (else its name)."""
+    """The runs' `logger.group` (set by every sweep), else the group a sweep in this folder would have had."""
     group = first_value(runs, "logger.group")
     if group:
         return group
-    sweep_dir = sweep_dir.resolve()
-    multirun = REPO / "multirun"
-    return str(sweep_dir.relative_to(multirun)) if sweep_dir.is_relative_to(multirun) else sweep_dir.name
+    from icar.logging import sweep_group  # imports Lightning: only for folders whose runs carry no group
+
+    return sweep_group(sweep_dir)
 
 
 def why_not_published(publish: bool) -> str | None:

@@ -25,6 +25,13 @@ IGNORED_KEYS = ("run_dir", "ckpt_path", "seed", "name")  # differ between runs w
 IGNORED_PREFIXES = ("logger.", "trainer.enable_progress_bar")
 
 
+def first_value(runs: pd.DataFrame, column: str) -> str | None:
+    """The most common non-empty value of `column` across the runs (e.g. their `logger.group`), or None."""
+    values = runs[column].dropna().astype(str).str.strip() if column in runs else pd.Series(dtype=str)
+    values = values[values != ""]
+    return values.mode().iloc[0] if len(values) else None
+
+
 def find_runs(sweep_dir: Path) -> list[Path]:
     """Run folders below sweep_dir (itself included), in path order."""
     sweep_dir = Path(sweep_dir)
@@ -124,15 +131,11 @@ def log_aggregate_to_wandb(sweep_dir: Path, runs: pd.DataFrame, figures: dict[st
     from icar.config import LoggerConfig, LoggerKind, WandbMode
     from icar.logging import sweep_group, wandb_mode
 
-    def first(column: str) -> str | None:
-        values = runs[column].dropna() if column in runs else []
-        return str(values.iloc[0]) if len(values) else None
-
-    if first("logger.kind") not in (None, LoggerKind.wandb.value):
+    if first_value(runs, "logger.kind") not in (None, LoggerKind.wandb.value):
         return
-    logger_cfg = LoggerConfig(project=first("logger.project") or "icar", entity=first("logger.entity"),
-                              mode=WandbMode(first("logger.mode") or "auto"))
-    group = first("logger.group") or sweep_group(sweep_dir)
+    logger_cfg = LoggerConfig(project=first_value(runs, "logger.project") or "icar", entity=first_value(runs, "logger.entity"),
+                              mode=WandbMode(first_value(runs, "logger.mode") or "auto"))
+    group = first_value(runs, "logger.group") or sweep_group(sweep_dir)
     out = Path(sweep_dir) / AGGREGATE_DIR
     run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=group, job_type="aggregate",
                      name=f"{group}/aggregate", dir=str(out), reinit="create_new",
