@@ -5,19 +5,25 @@ VENV ?= .venv
 # already in $(VENV): make install CONSTRAINTS=constraints-gpu.txt (the same pins, torch left alone).
 CONSTRAINTS ?= constraints.txt
 ARGS ?=
-# Sweeps: SCALE=quick runs sweeps/<name>_quick.yaml (CPU, minutes), SCALE=paper sweeps/<name>.yaml (GPUs).
-SCALE ?= paper
-SWEEP_SUFFIX = $(if $(filter quick,$(SCALE)),_quick,$(if $(filter paper,$(SCALE)),,$(error SCALE must be quick or paper, got '$(SCALE)')))
+# Sweeps: SCALE=quick runs sweeps/<name>_quick.yaml (CPU, minutes), SCALE=paper sweeps/<name>.yaml (GPUs). The sweep-*
+# targets default to paper, the figure targets (fig3, ..., figures) to quick (alias: cpu).
+SCALE ?=
+suffix_for = $(if $(filter quick cpu,$(1)),_quick,$(if $(filter paper,$(1)),,$(error SCALE must be quick (or cpu) or paper, got '$(1)')))
+SWEEP_SUFFIX = $(call suffix_for,$(or $(SCALE),paper))
+FIG_SUFFIX = $(call suffix_for,$(or $(SCALE),quick))
+# a figure sweep: its record (aggregate/figure.json) names the make command that produced it
+figure_sweep = ICAR_COMMAND="make $(1)$(if $(SCALE), SCALE=$(SCALE))" $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(ARGS)
 # make dashboard: the newest Optuna study below multirun/ unless STORAGE=sqlite:///... or postgresql://... is given
 STORAGE ?= $(shell ls -t multirun/*/optuna.db multirun/*/*/optuna.db 2>/dev/null | head -n 1 | sed 's|^|sqlite:///|')
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(CONSTRAINTS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full bench bench-baselines sweep-depth sweep-heads sweep-T sweep-d dashboard clean
+.PHONY: help install train test test-full bench bench-baselines sweep-depth sweep-heads sweep-T sweep-d dashboard clean \
+	prop2 fig3 fig4 fig5 fig6 fig7 softmax-vs-linear figures reproduction
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt constraints-gpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +59,34 @@ sweep-T: $(STAMP) ## MSE vs context length T against one GD step (SCALE=quick | 
 
 sweep-d: $(STAMP) ## MSE vs dimension d against one GD step (SCALE=quick | paper)
 	$(PY) scripts/train.py -m --config-dir sweeps --config-name d$(SWEEP_SUFFIX) $(ARGS)
+
+prop2: $(STAMP) ## Claim 1: one augmented layer = one GD step (SCALE=quick (default) | paper)
+	$(call figure_sweep,prop2,prop2)
+
+fig3: $(STAMP) ## Figure 3: A, B, B^T A, P of the diagonal model, unitary and rotation contexts
+	$(call figure_sweep,fig3,fig3)
+
+fig4: $(STAMP) ## Figure 4: AR(1) fits of real token embeddings vs shuffled (wordllama's table, no download)
+	ICAR_COMMAND="make fig4$(if $(SCALE), SCALE=$(SCALE))" $(PY) scripts/fig4.py $(if $(filter paper,$(SCALE)),max_windows=0) $(ARGS)
+
+fig5: $(STAMP) ## Figure 5: MSE vs depth against L steps of GD (SCALE=quick (default) | paper)
+	$(call figure_sweep,fig5,fig5)
+
+fig6: $(STAMP) ## Figure 6: positional encoding only, d = 1, mu = 50..300
+	$(call figure_sweep,fig6,fig6)
+
+fig7: $(STAMP) ## Figure 7: multi-head, raw tokens, general orthogonal W: MSE, head orthogonality, P
+	$(call figure_sweep,fig7,fig7)
+
+softmax-vs-linear: $(STAMP) ## Claim 7: the protocols with linear and softmax attention side by side
+	$(call figure_sweep,softmax-vs-linear,softmax_vs_linear)
+
+figures: ## Every figure, then REPRODUCTION.md (SCALE=quick: about 20 min on 2 CPU cores; SCALE=paper: GPUs)
+	$(MAKE) prop2 fig3 fig4 fig5 fig6 fig7 softmax-vs-linear
+	$(MAKE) reproduction
+
+reproduction: $(STAMP) ## Regenerate REPRODUCTION.md from the newest figure records
+	$(PY) scripts/reproduction.py
 
 dashboard: $(STAMP) ## Open optuna-dashboard on the newest study (or STORAGE=sqlite:///... | postgresql://...)
 	@test -n "$(STORAGE)" || { echo "no Optuna study below multirun/: give STORAGE=sqlite:///path/optuna.db"; exit 1; }

@@ -77,6 +77,11 @@ class LossOn(str, Enum):
     last = "last"  # the last position only
 
 
+class Optimizer(str, Enum):
+    adam = "adam"  # AdamW when optim.weight_decay > 0
+    sgd = "sgd"  # plain SGD: the authors' positional-only experiment (Figure 6)
+
+
 class Schedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
@@ -127,11 +132,13 @@ class ModelConfig:
     residual: bool = True
     bias: bool = False
     init_std: float = 0.1  # diagonal model: std of the Gaussian initialisation of A, B, P
+    pe_only: bool = False  # diagonal model: C = B^T A fixed to I (A = B = I, n_heads = d), only P trained, from P = 0
     gd_blocks: bool = False  # keep only the blocks of Proposition 1 (query s_t, key s_{t-1}, value s_t, out: zero block)
 
 
 @dataclass
 class OptimConfig:
+    optimizer: Optimizer = Optimizer.adam
     lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -254,6 +261,11 @@ def validate(cfg: TrainConfig) -> None:
             dt.tokens == Tokens.raw,
             "model.arch=diagonal reads raw tokens: set data.tokens=raw (or use model=diagonal with data defaults)",
         )
+    _require(
+        not m.pe_only or (m.arch == Arch.diagonal and m.n_heads == dt.d),
+        f"model.pe_only=true fixes C = B^T A = I in the diagonal model: it needs model.arch=diagonal and"
+        f" model.n_heads == data.d (got arch={m.arch.value}, n_heads={m.n_heads}, d={dt.d})",
+    )
     if m.arch == Arch.transformer:
         width = (3 if dt.tokens == Tokens.augmented else 1) * (2 if dt.family == Family.unitary else 1) * dt.d
         _require(

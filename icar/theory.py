@@ -32,6 +32,8 @@ __all__ = [
     "prop2_min_loss",
     "distance_to_optimum",
     "head_balance",
+    "pe_only_gram",
+    "pe_only_gd_P",
 ]
 
 _EXACT_FAMILIES = (Family.unitary, Family.commuting)
@@ -291,3 +293,35 @@ def head_balance(A: torch.Tensor, B: torch.Tensor) -> float:
     GA, GB = A @ A.T, B @ B.T
     scale = max(float(torch.linalg.norm(GA)), float(torch.linalg.norm(GB)))
     return float(torch.linalg.norm(GA - GB)) / scale if scale > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Claim 6 (Figure 6): positional encoding only, d = 1, C = 1, W = exp(i theta / mu)
+# ---------------------------------------------------------------------------------------------------------------
+# With s_t = z^(t-1), z = exp(i theta / mu), the prediction from the prefix s_1..s_tau is
+# sum_t p_t conj(s_{tau-1}) s_t^2 = z^tau sum_t p_t z^(2 (t - tau)), so row tau's loss is the quadratic form
+# (p - e_tau)^T G_tau (p - e_tau), G[t, t'] = E cos(2 (t - t') theta / mu) = sinc(2 pi (t - t') / mu) for theta
+# uniform on [-pi, pi) (p real). Its minimiser e_tau (all weight on the newest token) is exact, but G's eigenvalues
+# fall off fast when mu is large: gradient descent from P = 0 learns the well-conditioned directions first.
+
+
+def pe_only_gram(T: int, mu: float) -> torch.Tensor:
+    """G (T, T) float64: G[t, t'] = E cos(2 (t - t') theta / mu), theta ~ U[-pi, pi) (the sinc kernel above)."""
+    k = torch.arange(T, dtype=torch.float64)
+    x = 2 * math.pi * (k[:, None] - k[None, :]) / mu
+    return torch.special.sinc(x / math.pi)  # torch's sinc is sin(pi x) / (pi x)
+
+
+def pe_only_gd_P(T: int, mu: float, lr: float, steps: int) -> torch.Tensor:
+    """P (T, T) after `steps` steps of gradient descent with step `lr` from P = 0 on the exact population training
+    loss of the positional-only model (the mean of the row losses over tau = 2..T, as the pipeline trains it), in
+    closed form: row tau is e_tau - (I - 2 lr G_tau / (T - 1))^steps e_tau. Row 1 (no query token) stays 0."""
+    G = pe_only_gram(T, mu)
+    P = torch.zeros(T, T, dtype=torch.float64)
+    for tau in range(2, T + 1):
+        lam, V = torch.linalg.eigh(G[:tau, :tau])
+        decay = (1 - 2 * lr * lam.clamp_min(0) / (T - 1)) ** steps  # (tau,)
+        e = torch.zeros(tau, dtype=torch.float64)
+        e[-1] = 1.0
+        P[tau - 1, :tau] = e - V @ (decay * (V.T @ e))
+    return P

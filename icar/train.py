@@ -28,6 +28,7 @@ from icar.analysis.callback import AnalysisCallback
 from icar.baselines import InContextBaselines
 from icar.config import (
     LossOn,
+    Optimizer,
     Schedule,
     TrainConfig,
     TrainerConfig,
@@ -151,8 +152,12 @@ class ICARModule(pl.LightningModule):
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         o, max_steps = self.cfg.optim, self.cfg.trainer.max_steps
-        optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay) if o.weight_decay \
-            else torch.optim.Adam(self.parameters(), lr=o.lr)
+        if o.optimizer == Optimizer.sgd:
+            optimizer = torch.optim.SGD(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        elif o.weight_decay:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=o.lr)
 
         def factor(step: int) -> float:
             if step < o.warmup_steps:

@@ -35,7 +35,7 @@ def save_figure(fig: plt.Figure, path_stem: Path) -> list[Path]:
     return paths
 
 
-def _heatmap(ax: plt.Axes, M: torch.Tensor, title: str, vmax: float | None = None, mask: np.ndarray | None = None,
+def heatmap(ax: plt.Axes, M: torch.Tensor, title: str, vmax: float | None = None, mask: np.ndarray | None = None,
              first_label: int = 0) -> None:
     """A diverging heatmap centred at 0 on [-vmax, vmax] (default: the largest |entry|), ticks from first_label."""
     M = M.detach().double().cpu().numpy()
@@ -53,7 +53,7 @@ def plot_head_orthogonality(matrices: dict[str, torch.Tensor], scalars: dict[str
     fig, axes = plt.subplots(1, len(matrices), figsize=(PANEL * len(matrices), PANEL), squeeze=False)
     for ax, (name, M) in zip(axes[0], matrices.items()):
         off = scalars.get(f"{name}_offdiag", math.nan)
-        _heatmap(ax, M, f"{name}\nmean |off-diag| = {off:.3f}", vmax=1.0)
+        heatmap(ax, M, f"{name}\nmean |off-diag| = {off:.3f}", vmax=1.0)
         ax.set_xlabel("head h'")
         ax.set_ylabel("head h")
     return save_figure(fig, path_stem)
@@ -70,7 +70,7 @@ def plot_positional(P_mats: dict[str, torch.Tensor], fits: dict[str, dict[str, f
         T = P.shape[0]
         fit = fits.get(name, {})
         summary = ", ".join(f"{k.split('/')[-1]}={v:.2f}" for k, v in fit.items() if k != "P/two_tap_energy")
-        _heatmap(ax_map, P, f"{name}\n{summary}", mask=np.triu(np.ones((T, T), dtype=bool), k=1), first_label=1)
+        heatmap(ax_map, P, f"{name}\n{summary}", mask=np.triu(np.ones((T, T), dtype=bool), k=1), first_label=1)
         ax_map.set_xlabel("token t")
         ax_map.set_ylabel("prefix length tau")
         taus = sorted({max(2, T // 4), max(2, T // 2), max(2, 3 * T // 4), T})
@@ -94,7 +94,7 @@ def plot_c_structure(C: torch.Tensor, info: dict, path_stem: Path, A: torch.Tens
     panels = [("C = B^T A", C)] + [(n, M) for n, M in (("A", A), ("B", B)) if M is not None]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(PANEL * (len(panels) + 1), PANEL), squeeze=False)
     for ax, (name, M) in zip(axes[0], panels):
-        _heatmap(ax, M, name)
+        heatmap(ax, M, name)
     s = info.get("C/singular_values")
     s = np.asarray(s if s is not None else normalised_singular_values(C).numpy())
     ax = axes[0, -1]

@@ -123,9 +123,10 @@ def aggregate(sweep_dir: Path, metric: str = "val/mse_last") -> dict[str, list[P
     return figures
 
 
-def log_aggregate_to_wandb(sweep_dir: Path, runs: pd.DataFrame, figures: dict[str, list[Path]]) -> None:
-    """The aggregate figures and table as one W&B run (job type `aggregate`) in the sweep's group, beside its runs;
-    online with a key, offline otherwise, like the runs themselves."""
+def log_aggregate_to_wandb(sweep_dir: Path, runs: pd.DataFrame, figures: dict[str, list[Path]],
+                           numbers: dict[str, Any] | None = None) -> None:
+    """The aggregate figures and table (and a figure's numbers, as summary values) as one W&B run (job type
+    `aggregate`) in the sweep's group, beside its runs; online with a key, offline otherwise, like the runs."""
     import wandb
 
     from icar.config import LoggerConfig, LoggerKind, WandbMode
@@ -145,36 +146,53 @@ def log_aggregate_to_wandb(sweep_dir: Path, runs: pd.DataFrame, figures: dict[st
                   for p in paths if p.suffix == ".png"}
         table = runs[[c for c in runs.columns if pd.api.types.is_numeric_dtype(runs[c]) or c.startswith("model.")]]
         run.log({**images, "aggregate/runs": wandb.Table(dataframe=table)})
+        if numbers:
+            run.summary.update({k: v for k, v in numbers.items() if isinstance(v, (int, float, str))})
     finally:
         run.finish()
 
 
-def finish_sweep(sweep_dir: Path, title: str, log_to_wandb: bool = True) -> Path:
-    """Aggregate the run folders (aggregate/runs.csv and figures), write aggregate/report.html and log the figures
-    to W&B in the sweep's group; return the report's path."""
+def finish_sweep(sweep_dir: Path, title: str, log_to_wandb: bool = True, figure: str | None = None) -> Path:
+    """Aggregate the run folders (aggregate/runs.csv and figures), draw the paper's `figure` when given (with its
+    record aggregate/figure.json), write aggregate/report.html and log the figures to W&B in the sweep's group;
+    return the report's path."""
     from icar.analysis.report import write_html_report
 
     sweep_dir = Path(sweep_dir)
     figures = aggregate(sweep_dir)
+    numbers = None
+    if figure:
+        from icar.analysis.figures import make_figure
+
+        record = make_figure(figure, sweep_dir)
+        figures = {**{f"{figure}/{Path(p).stem}": [Path(p)] for p in record.figures}, **figures}
+        numbers = {f"{figure}/{k}": v for k, v in record.numbers.items()}
+        log.info(f"{figure}: {sweep_dir / AGGREGATE_DIR / 'figure.json'}")
     runs = pd.read_csv(sweep_dir / AGGREGATE_DIR / "runs.csv")
     pngs = [p for paths in figures.values() for p in paths if p.suffix == ".png"]
     report = write_html_report(sweep_dir, runs, pngs, swept_keys(runs), title)
     if log_to_wandb:
-        log_aggregate_to_wandb(sweep_dir, runs, figures)
+        log_aggregate_to_wandb(sweep_dir, runs, figures, numbers)
     log.info(f"aggregate of {len(runs)} runs: {sweep_dir / AGGREGATE_DIR / 'runs.csv'}, {len(pngs)} figures, "
              f"{report}")
     return report
 
 
 class AggregateOnSweepEnd(Callback):
-    """Hydra callback of the sweep configs (`sweeps/*.yaml`): `finish_sweep` once every job has ended. Hydra turns a
+    """Hydra callback of the sweep configs (`sweeps/*.yaml`): `finish_sweep` once every job has ended, then, for a
+    figure sweep (`figure: fig3`, ...), the paper's figure and its record (icar.analysis.figures). Hydra turns a
     callback's exception into a warning, so a failure is logged as an error naming the command that redoes it."""
+
+    def __init__(self, figure: str | None = None) -> None:
+        self.figure = figure
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        redo = f"python scripts/analyze.py {sweep_dir} && python scripts/report.py {sweep_dir}"
+        if self.figure:
+            redo += f" && python scripts/reproduction.py --figure {self.figure} {sweep_dir}"
         try:
-            finish_sweep(sweep_dir, f"icar sweep {config.name}")
+            finish_sweep(sweep_dir, f"icar sweep {config.name}", figure=self.figure)
         except Exception:
-            log.exception(f"aggregating {sweep_dir} failed; redo it with: python scripts/analyze.py {sweep_dir} "
-                          f"&& python scripts/report.py {sweep_dir}")
+            log.exception(f"aggregating {sweep_dir} failed; redo it with: {redo}")
             raise

@@ -15,6 +15,6 @@ __all__ = ["DiagonalAttention", "Transformer", "build_model"]
 def build_model(cfg: ModelConfig, data: DataConfig) -> nn.Module:
     """The model a config asks for, sized for its data (complex data doubles a real model's widths)."""
     if cfg.arch == Arch.diagonal:
-        return DiagonalAttention(data.d, cfg.n_heads, data.T, cfg.init_std)
+        return DiagonalAttention(data.d, cfg.n_heads, data.T, cfg.init_std, pe_only=cfg.pe_only)
     d = 2 * data.d if data.family == Family.unitary else data.d
     return Transformer(cfg, token_width(d, data.tokens), d, data.T, data.tokens == Tokens.augmented)

@@ -4,6 +4,8 @@ s_hat_{tau+1} = sum_{t <= tau} P[tau, t] sum_h <a_h * s_{tau-1}, s_t> (b_h * s_t
 with A, B in R^{H x d} and one positional matrix P (row tau serves the prediction from the prefix s_1..s_tau).
 The query is the second-to-last token s_{tau-1}, so the first prediction (tau = 1, s_0 = 0) is always 0 and the
 loss counts tau = 2..T. Works on complex sequences directly (the unitary family); no residual, norm or softmax.
+With pe_only, C = B^T A is fixed to I (A = B = I, H = d) and only P is trained, from P = 0: the authors'
+positional-only experiment (PAPER.md claim 6, Figure 6).
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ class DiagonalAttention(nn.Module):
     accepts_complex = True
     first_position = 2  # tau = 1 has no query token
 
-    def __init__(self, d: int, n_heads: int, max_len: int, init_std: float = 0.1) -> None:
+    def __init__(self, d: int, n_heads: int, max_len: int, init_std: float = 0.1, pe_only: bool = False) -> None:
         super().__init__()
-        self.A = nn.Parameter(init_std * torch.randn(n_heads, d))  # key-query diagonals a_h
-        self.B = nn.Parameter(init_std * torch.randn(n_heads, d))  # value diagonals b_h
-        self.P = nn.Parameter(init_std * torch.randn(max_len, max_len))
+        if pe_only:
+            if n_heads != d:
+                raise ValueError(f"pe_only fixes A = B = I: it needs n_heads == d, got n_heads={n_heads}, d={d}")
+            self.register_buffer("A", torch.eye(d))  # fixed: C = B^T A = I
+            self.register_buffer("B", torch.eye(d))
+            self.P = nn.Parameter(torch.zeros(max_len, max_len))
+        else:
+            self.A = nn.Parameter(init_std * torch.randn(n_heads, d))  # key-query diagonals a_h
+            self.B = nn.Parameter(init_std * torch.randn(n_heads, d))  # value diagonals b_h
+            self.P = nn.Parameter(init_std * torch.randn(max_len, max_len))
         self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len)), persistent=False)
 
     @property

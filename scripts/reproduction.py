@@ -1,0 +1,47 @@
+"""Write REPRODUCTION.md from the newest figure records, or redraw one figure from a finished sweep first:
+
+    python scripts/reproduction.py                          # REPRODUCTION.md from multirun/ and runs/
+    python scripts/reproduction.py --figure fig3 SWEEP_DIR  # redo SWEEP_DIR/aggregate/figure.json, then the above
+
+The records (figure.json) are written at the end of every figure target (make fig3, ..., make figures); the
+verdict rules live in icar/analysis/reproduction.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from icar.analysis.reproduction import CLAIMS, newest_records, write_reproduction  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", nargs="?", type=Path, help="with --figure: the finished figure sweep")
+    parser.add_argument("--figure", help="redraw this figure (prop2, fig3, fig5, fig6, fig7, softmax_vs_linear)")
+    parser.add_argument("--out", type=Path, default=Path("REPRODUCTION.md"))
+    parser.add_argument("--roots", nargs="+", type=Path, default=[Path("multirun"), Path("runs")],
+                        help="folders searched for figure.json records")
+    args = parser.parse_args()
+    if args.figure:
+        if args.sweep_dir is None or not args.sweep_dir.is_dir():
+            parser.error(f"--figure {args.figure} needs the sweep folder it was run in, got {args.sweep_dir}")
+        from icar.analysis.figures import make_figure
+
+        record = make_figure(args.figure, args.sweep_dir)
+        print(f"{args.figure}: {', '.join(record.figures)}")
+    records = newest_records(args.roots)
+    path = write_reproduction(args.out, args.roots)
+    print(f"{path}: {len(records)} of {len({c.figure for c in CLAIMS})} figures recorded")
+    for line in path.read_text().splitlines():
+        if line.startswith("| ") and "**" in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            print(f"  {cells[0][:60]:<60} {cells[3].strip('*')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
