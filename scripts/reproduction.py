@@ -10,6 +10,7 @@ verdict rules live in icar/analysis/reproduction.py.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,16 +30,21 @@ def main() -> int:
     if args.figure:
         if args.sweep_dir is None or not args.sweep_dir.is_dir():
             parser.error(f"--figure {args.figure} needs the sweep folder it was run in, got {args.sweep_dir}")
-        from icar.analysis.figures import make_figure
+        from icar.analysis.figures import FIGURES, make_figure
 
-        record = make_figure(args.figure, args.sweep_dir)
+        if args.figure not in FIGURES:
+            parser.error(f"--figure must be one of {', '.join(FIGURES)}, got {args.figure!r}")
+        try:
+            record = make_figure(args.figure, args.sweep_dir)
+        except (FileNotFoundError, ValueError) as err:  # no finished runs, or runs of another sweep
+            sys.exit(f"error: cannot draw {args.figure}: {err}")
         print(f"{args.figure}: {', '.join(record.figures)}")
     records = newest_records(args.roots)
     path = write_reproduction(args.out, args.roots)
     print(f"{path}: {len(records)} of {len({c.figure for c in CLAIMS})} figures recorded")
     for line in path.read_text().splitlines():
         if line.startswith("| ") and "**" in line:
-            cells = [c.strip() for c in line.strip("|").split("|")]
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip("|"))]  # cells hold escaped pipes
             print(f"  {cells[0][:60]:<60} {cells[3].strip('*')}")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ FIGURE_SWEEPS = {
     "fig5": ("fig5", ["model.n_layers=1,2", "seed=0"], 24, 8),
     "fig6": ("fig6", ["data.mu=50,300"], 4, 4),
     "fig7": ("fig7", [], 3, 1),
-    "softmax_vs_linear": ("softmax_vs_linear", [], 18, 6),
+    "softmax_vs_linear": ("softmax_vs_linear", ["experiment=augmented_depth,rotation_diagonal"], 24, 8),
 }
 
 
@@ -77,7 +78,8 @@ def test_every_figure_runs_and_writes_its_figure_and_record(figure_sweeps, figur
     suffixes = {Path(p).suffix for p in record.figures}
     assert suffixes == {".png", ".pdf"} and all(Path(p).stat().st_size > 0 for p in record.figures)
     assert record.numbers and json.dumps(record.numbers, default=float)
-    assert (sweep / "aggregate" / "report.html").is_file()
+    report = (sweep / "aggregate" / "report.html").read_text()
+    assert all(f"{Path(p).stem}.png" in report for p in record.figures)  # the figure is embedded in the report
     if figure == "fig3":  # the aggregate's W&B run (offline here) holds the figure
         assert list((sweep / "aggregate" / "wandb").glob("offline-run-*"))
         assert {"unitary/C_rel_dist", "rotation/P_rel_dist"} <= set(record.numbers)
@@ -91,6 +93,7 @@ def test_reproduction_md_gives_every_recorded_claim_a_verdict(figure_sweeps, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert all(len(re.split(r"(?<!\\)\|", row)) == 8 for row in rows), rows  # six cells, pipes escaped
     assert len(rows) == len(CLAIMS)
     for claim, row in zip(CLAIMS, rows):
         if claim.figure == "fig4":  # not part of these sweeps
@@ -133,6 +136,16 @@ def test_positional_only_model_trains_only_P_from_zero():
     cfg.model.pe_only = True
     with pytest.raises(ConfigError, match="model.pe_only=true"):
         validate(cfg)
+
+
+def test_softmax_positional_rows_of_the_diagonal_model_are_distributions():
+    from icar.models.diagonal import DiagonalAttention
+
+    model = DiagonalAttention(d=4, n_heads=3, max_len=7, softmax_positional=True)
+    W = model.positional_weights(7)
+    assert (W >= 0).all() and torch.allclose(W.sum(-1), torch.ones(7)) and (W.triu(1) == 0).all()
+    linear = DiagonalAttention(d=4, n_heads=3, max_len=7)
+    assert torch.equal(linear.positional_weights(7), linear.P * torch.tril(torch.ones(7, 7)))
 
 
 def test_pe_only_gd_matches_gradient_descent_on_the_exact_population_loss():

@@ -123,7 +123,7 @@ def analyze(module: Any, out_dir: Path, curves: dict[str, list[float]] | None = 
         )
         family = _theory_family(module)
         if family is not None:
-            P = model.P.detach().double().cpu()
+            P = model.positional_weights(cfg.data.T).detach().double().cpu()
             dist = distance_to_optimum(C, P, family, n_heads=model.A.shape[0], mu=cfg.data.mu)
             result.scalars.update({f"theory/{k}": v for k, v in dist.items() if v is not None})
             result.scalars["theory/head_balance"] = head_balance(model.A.detach().cpu(), model.B.detach().cpu())

@@ -98,7 +98,7 @@ def fig3(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
         key = "unitary" if run["data.family"] == "unitary" else "rotation"
         model = load_model(run["run_dir"])
         T = int(run["data.T"])
-        P = (model.P[:T, :T] * model.causal[:T, :T]).detach()
+        P = model.positional_weights(T).detach()
         heatmap(row[0], model.A.detach(), f"{key}: A (H = {model.A.shape[0]} x d)")
         heatmap(row[1], model.B.detach(), f"{key}: B")
         heatmap(row[2], model.C.detach(), f"{key}: B^T A")
@@ -143,7 +143,7 @@ def fig6(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
     for col, (_, run) in enumerate(runs.iterrows()):
         mu, T = float(run["data.mu"]), int(run["data.T"])
         model = load_model(run["run_dir"])
-        P = (model.P[:T, :T] * model.causal[:T, :T]).detach().double()
+        P = model.positional_weights(T).detach().double()
         P_gd = pe_only_gd_P(T, mu, float(run["optim.lr"]), int(run["trainer.max_steps"]))
         rows = torch.tril(torch.ones(T, T, dtype=torch.bool))[1:]  # the trained rows tau = 2..T
         last = P[T - 1]
@@ -156,6 +156,9 @@ def fig6(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
         numbers[f"{k}/dist_to_population_gd"] = float((P - P_gd)[1:][rows].norm() / P_gd[1:][rows].norm())
         heatmap(axes[0, col], P[1:, :], f"P, mu = {mu:g} (rows tau = 2..{T})",
                 mask=np.triu(np.ones((T, T), dtype=bool), k=1)[1:], first_label=1)
+        ticks = np.arange(0, T, 4)
+        axes[0, col].set_xticks(ticks + 0.5, ticks + 1)  # token t
+        axes[0, col].set_yticks(ticks[ticks < T - 1] + 0.5, ticks[ticks < T - 1] + 2)  # prefix length tau
         ax = axes[1, col]
         ax.plot(np.arange(1, T + 1), last.numpy(), "k-o", markersize=3, label="trained (SGD)")
         ax.plot(np.arange(1, T + 1), P_gd[T - 1].numpy(), "--", color="tab:orange", label="GD on the exact loss")
@@ -233,7 +236,7 @@ def softmax_vs_linear(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path
         group = runs[runs["protocol"] == p]
         numbers[f"{p}/gd1"] = _mean(group, "val/gd1/mse_last")
         numbers[f"{p}/zero"] = _mean(group, "val/zero/mse_last")
-        ax.hlines(numbers[f"{p}/gd1"], j - 2 * width, j + 2 * width, colors="k", linestyles="--",
+        ax.hlines(numbers[f"{p}/gd1"], j - width, j + width, colors="k", linestyles="--",
                   label="GD, 1 step" if j == 0 else None)
     ax.set_xticks(np.arange(len(protocols)), protocols, fontsize=8)
     ax.set_yscale("log")
@@ -256,7 +259,12 @@ def make_figure(figure: str, sweep_dir: Path, scale: str = "") -> FigureRecord:
         raise ValueError(f"unknown figure {figure!r}; known: {', '.join(FIGURES)}")
     sweep_dir = Path(sweep_dir)
     out = sweep_dir / AGGREGATE_DIR
-    numbers, paths = FIGURES[figure](load_runs(sweep_dir), out)
+    runs = load_runs(sweep_dir)
+    names = sorted({str(n) for n in runs["name"]}) if "name" in runs else ["(unnamed)"]
+    if not all(n == figure or n.startswith(f"{figure}_") for n in names):  # fig3, fig3_quick, ...
+        raise ValueError(f"{sweep_dir} holds runs of {', '.join(names)}, not of the {figure} sweep "
+                         f"(sweeps/{figure}.yaml or sweeps/{figure}_quick.yaml)")
+    numbers, paths = FIGURES[figure](runs, out)
     started = sweep_dir / "multirun.yaml"
     wall = time.time() - started.stat().st_mtime if started.is_file() else None
     scale = scale or ("cpu" if sweep_dir.parent.name.endswith("_quick") else "paper")

@@ -22,7 +22,7 @@ def positional_matrices(model: nn.Module, T: int) -> dict[str, torch.Tensor]:
     multiplicative P or softmax positional weights (mean over heads); empty when the model has neither."""
     with torch.no_grad():
         if isinstance(model, DiagonalAttention):
-            return {"P": (model.P[:T, :T] * model.causal[:T, :T]).detach().double().cpu()}  # (T, T)
+            return {"P": model.positional_weights(T).detach().double().cpu()}  # (T, T)
         out: dict[str, torch.Tensor] = {}
         if isinstance(model, Transformer):
             for i, block in enumerate(model.blocks):

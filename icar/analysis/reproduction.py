@@ -133,9 +133,11 @@ def judge_softmax_vs_linear(n: dict[str, Any]) -> Verdict:
     wins = sum(n[f"{p}/linear"] < n[f"{p}/softmax"] for p in protocols)
     verdict = REPRODUCED if both and sign else PARTLY if both else NOT
     evidence = (f"rule: both kinds measured under every protocol ({'yes' if both else 'no'}) and, on the rotation "
-                f"blocks that need opposite-sign positional weights, linear attention beats softmax "
-                f"({'yes' if sign else 'no'}). Linear wins {wins} of {len(protocols)} protocols; "
-                f"{n['seeds']} seed(s) each.")
+                f"blocks whose optimum needs opposite-sign positional weights, the diagonal model with a linear P beats "
+                f"the one whose P rows are softmaxes ({'yes' if sign else 'no'}). Linear wins {wins} of "
+                f"{len(protocols)} protocols; {n['seeds']} seed(s) each. On augmented_depth and orthogonal_multihead* "
+                "the softmax is over the token scores; on the diagonal model (unitary_diagonal, rotation_diagonal) it "
+                "is over P's rows, the token scores staying linear, as in the authors' Figure 7 model.")
     return ours, verdict, evidence
 
 
@@ -220,7 +222,8 @@ def render(records: dict[str, tuple[Path, FigureRecord]], base: Path) -> str:
     for claim in CLAIMS:
         found = records.get(claim.figure)
         if found is None:
-            lines.append(f"| {claim.number}. {claim.title} | {claim.paper} | not run yet | - | `{claim.target}` | - |")
+            cells = [f"{claim.number}. {claim.title}", claim.paper, "not run yet", "-", f"`{claim.target}`", "-"]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
             continue
         path, rec = found
         try:
@@ -228,8 +231,8 @@ def render(records: dict[str, tuple[Path, FigureRecord]], base: Path) -> str:
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
             ours, verdict, evidence = "incomplete record", NOT, f"the record lacks what the rule needs ({err!r})"
         where = f"{_duration(rec.wall_s)} ({rec.scale} scale), {rec.machine}, {rec.finished}"
-        lines.append(f"| {claim.number}. {claim.title} | {claim.paper} | {ours} | **{verdict}** | `{rec.command}` | "
-                     f"{where} |")
+        cells = [f"{claim.number}. {claim.title}", claim.paper, ours, f"**{verdict}**", f"`{rec.command}`", where]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         try:
             rel = path.parent.relative_to(base)
         except ValueError:

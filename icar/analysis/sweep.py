@@ -165,7 +165,10 @@ def finish_sweep(sweep_dir: Path, title: str, log_to_wandb: bool = True, figure:
         from icar.analysis.figures import make_figure
 
         record = make_figure(figure, sweep_dir)
-        figures = {**{f"{figure}/{Path(p).stem}": [Path(p)] for p in record.figures}, **figures}
+        drawn: dict[str, list[Path]] = {}
+        for path in map(Path, record.figures):  # stem.png and stem.pdf under one name
+            drawn.setdefault(f"{figure}/{path.stem}", []).append(path)
+        figures = {**drawn, **figures}
         numbers = {f"{figure}/{k}": v for k, v in record.numbers.items()}
         log.info(f"{figure}: {sweep_dir / AGGREGATE_DIR / 'figure.json'}")
     runs = pd.read_csv(sweep_dir / AGGREGATE_DIR / "runs.csv")

@@ -5,7 +5,9 @@ with A, B in R^{H x d} and one positional matrix P (row tau serves the predictio
 The query is the second-to-last token s_{tau-1}, so the first prediction (tau = 1, s_0 = 0) is always 0 and the
 loss counts tau = 2..T. Works on complex sequences directly (the unitary family); no residual, norm or softmax.
 With pe_only, C = B^T A is fixed to I (A = B = I, H = d) and only P is trained, from P = 0: the authors'
-positional-only experiment (PAPER.md claim 6, Figure 6).
+positional-only experiment (PAPER.md claim 6, Figure 6). With softmax_positional, row tau's weights are a softmax of
+P over t <= tau (non-negative, summing to 1) instead of P itself: claim 7's softmax positional weighting, which
+cannot carry the opposite-sign taps of the rotation-block optimum (claim 3).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ class DiagonalAttention(nn.Module):
     accepts_complex = True
     first_position = 2  # tau = 1 has no query token
 
-    def __init__(self, d: int, n_heads: int, max_len: int, init_std: float = 0.1, pe_only: bool = False) -> None:
+    def __init__(self, d: int, n_heads: int, max_len: int, init_std: float = 0.1, pe_only: bool = False,
+                 softmax_positional: bool = False) -> None:
         super().__init__()
+        self.softmax_positional = softmax_positional
         if pe_only:
             if n_heads != d:
                 raise ValueError(f"pe_only fixes A = B = I: it needs n_heads == d, got n_heads={n_heads}, d={d}")
@@ -39,10 +43,16 @@ class DiagonalAttention(nn.Module):
         """C = B^T A (d, d): the loss depends on (A, B) only through it."""
         return self.B.T @ self.A
 
+    def positional_weights(self, T: int) -> torch.Tensor:
+        """(T, T) causal weights p_{tau, t}: P itself, or its row-wise softmax over t <= tau."""
+        if self.softmax_positional:
+            return torch.softmax(self.P[:T, :T].masked_fill(self.causal[:T, :T] == 0, float("-inf")), dim=-1)
+        return self.P[:T, :T] * self.causal[:T, :T]
+
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         T = s.shape[1]
         query = torch.nn.functional.pad(s, (0, 0, 1, 0))[:, :-1]  # (B, T, d): s_{tau-1}, with s_0 = 0
         A, Bv = self.A.to(s.dtype), self.B.to(s.dtype)
         scores = torch.einsum("btk,hk,bsk->bhts", query.conj(), A, s)  # (B, H, T, T): <a_h * s_{tau-1}, s_t>
-        weights = scores * (self.P[:T, :T] * self.causal[:T, :T]).to(s.dtype)  # (B, H, T, T)
+        weights = scores * self.positional_weights(T).to(s.dtype)  # (B, H, T, T)
         return torch.einsum("bhts,hi,bsi->bti", weights, Bv, s)  # (B, T, d)
