@@ -12,7 +12,8 @@ suffix_for = $(if $(filter quick cpu,$(1)),_quick,$(if $(filter paper,$(1)),,$(e
 SWEEP_SUFFIX = $(call suffix_for,$(or $(SCALE),paper))
 FIG_SUFFIX = $(call suffix_for,$(or $(SCALE),quick))
 # a figure sweep: its record (aggregate/figure.json) names the make command that produced it
-figure_sweep = ICAR_COMMAND="make $(1)$(if $(SCALE), SCALE=$(SCALE))" $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(ARGS)
+figure_command = ICAR_COMMAND="make $(1)$(if $(SCALE), SCALE=$(SCALE))$(if $(ARGS), ARGS='$(ARGS)')"
+figure_sweep = $(call figure_command,$(1)) $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(ARGS)
 # make dashboard: the newest Optuna study below multirun/ unless STORAGE=sqlite:///... or postgresql://... is given
 STORAGE ?= $(shell ls -t multirun/*/optuna.db multirun/*/*/optuna.db 2>/dev/null | head -n 1 | sed 's|^|sqlite:///|')
 PY := $(VENV)/bin/python
@@ -67,7 +68,7 @@ fig3: $(STAMP) ## Figure 3: A, B, B^T A, P of the diagonal model, unitary and ro
 	$(call figure_sweep,fig3,fig3)
 
 fig4: $(STAMP) ## Figure 4: AR(1) fits of real token embeddings vs shuffled (wordllama's table, no download)
-	ICAR_COMMAND="make fig4$(if $(SCALE), SCALE=$(SCALE))" $(PY) scripts/fig4.py $(if $(filter paper,$(SCALE)),max_windows=0) $(ARGS)
+	$(call figure_command,fig4) $(PY) scripts/fig4.py $(if $(FIG_SUFFIX),,max_windows=0) $(ARGS)
 
 fig5: $(STAMP) ## Figure 5: MSE vs depth against L steps of GD (SCALE=quick (default) | paper)
 	$(call figure_sweep,fig5,fig5)

@@ -117,7 +117,7 @@ def run_fig4(cfg: DictConfig | Fig4Config | dict[str, Any]) -> dict[str, Any]:
     wall_s = time.perf_counter() - start
     numbers["wall_s"] = wall_s
     (run_dir / "summary.json").write_text(json.dumps(numbers, indent=2, sort_keys=True) + "\n")
-    scale = "paper" if c.max_windows == 0 else "cpu"  # make fig4 SCALE=paper fits every window
+    scale = "all windows" if c.max_windows == 0 else "cpu"  # make fig4 SCALE=paper fits every window
     FigureRecord(figure="fig4", numbers=numbers, figures=[str(p) for p in paths], wall_s=wall_s, machine=machine(),
                  command=command_line(), scale=scale, finished=now()).save(run_dir)
     _mirror_to_wandb(c, run_dir, numbers, paths)

@@ -14,7 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from icar.analysis.reproduction import CLAIMS, newest_records, write_reproduction  # noqa: E402
 
@@ -23,9 +24,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", nargs="?", type=Path, help="with --figure: the finished figure sweep")
     parser.add_argument("--figure", help="redraw this figure (prop2, fig3, fig5, fig6, fig7, softmax_vs_linear)")
-    parser.add_argument("--out", type=Path, default=Path("REPRODUCTION.md"))
-    parser.add_argument("--roots", nargs="+", type=Path, default=[Path("multirun"), Path("runs")],
-                        help="folders searched for figure.json records")
+    parser.add_argument("--out", type=Path, default=REPO / "REPRODUCTION.md")
+    parser.add_argument("--roots", nargs="+", type=Path, default=[REPO / "multirun", REPO / "runs"],
+                        help="folders searched for figure.json records (default: the checkout's multirun/ and runs/)")
     args = parser.parse_args()
     if args.figure:
         if args.sweep_dir is None or not args.sweep_dir.is_dir():

@@ -107,10 +107,15 @@ def test_reproduction_md_gives_every_recorded_claim_a_verdict(figure_sweeps, tmp
 def test_verdict_rules_follow_the_numbers():
     fig5 = {"depths": [1, 2, 3], "seeds": 2, "steps": 100, "T": 20}
     for L, m in zip([1, 2, 3], [0.3, 0.2, 0.1]):
-        fig5 |= {f"L{L}/mse_last": m, f"L{L}/mse": m, f"L{L}/gd{L}_mse_last": m, f"L{L}/mse_last_max": m}
+        fig5 |= {f"L{L}/mse_last": m, f"L{L}/mse": m, f"L{L}/gd{L}_mse_last": m, f"L{L}/mse_last_max": m + 0.01,
+                 f"L{L}/mse_last_min": m - 0.01}
     assert judge_fig5(fig5)[1] == REPRODUCED
-    assert judge_fig5(fig5 | {"L3/mse_last": 0.25})[1] == PARTLY
+    flat = judge_fig5(fig5 | {"L3/mse_last": 0.205})  # up by less than the seeds' spread
+    assert flat[1] == PARTLY and "flat" in flat[2]
+    rise = judge_fig5(fig5 | {"L3/mse_last": 0.25})
+    assert rise[1] == PARTLY and "rises" in rise[2]
     assert judge_fig5(fig5 | {"L2/mse_last": 0.35, "L3/mse_last": 0.4})[1] == NOT
+    assert judge_fig5({**fig5, "depths": [1, 2]})[1] == PARTLY  # two depths cannot show a trend
     fig4 = {"threshold": 1e-12, "n_windows": 100, "fraction_windows_with_repeat_real": 0.0,
             "fraction_windows_with_repeat_shuffled": 0.1, "source": "x", "embedding_dim": 8, "corpus": "c",
             "corpus_tokens": 500}
@@ -162,3 +167,16 @@ def test_pe_only_gd_matches_gradient_descent_on_the_exact_population_loss():
             P -= lr * grad.tril()
     assert torch.allclose(P.detach(), pe_only_gd_P(T, mu, lr, steps), atol=1e-12)
     assert math.isclose(float(population_loss(C, torch.zeros(T, T), "unitary", mu).mean()), 1.0, rel_tol=1e-12)
+
+
+def test_a_figure_that_fails_fails_the_sweep_but_keeps_its_aggregate(tmp_path):
+    """Hydra turns a callback's exception into a warning: the figure callback exits with status 1 instead, so that
+    `make figN` fails, after writing runs.csv and report.html."""
+    sweep = tmp_path / "multirun" / "prop2_quick" / "t0"
+    overrides = [o for o in FAST if not o.startswith("logger=")] + [
+        "logger.mode=disabled", "hydra.callbacks.aggregate.figure=fig3", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run([sys.executable, "scripts/train.py", "-m", "--config-dir", "sweeps", "--config-name",
+                           "prop2_quick", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "not of the fig3 sweep" in proc.stderr and "redo it with" in proc.stderr
+    assert (sweep / "aggregate" / "report.html").is_file() and not (sweep / "aggregate" / "figure.json").exists()

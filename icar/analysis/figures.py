@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,22 @@ def analysis_tables(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _get(run: pd.Series, key: str) -> float:
-    value = run.get(key)
-    return float(value) if value is not None and not pd.isna(value) else math.nan
+    """run[key] as a float (NaN where the run logged no value); a missing column is an error, not a NaN."""
+    if key not in run.index:
+        raise KeyError(f"the runs have no {key!r}: not a sweep of this figure, or runs from an older icar")
+    value = run[key]
+    return float(value) if not pd.isna(value) else math.nan
 
 
 def _mean(runs: pd.DataFrame, key: str) -> float:
-    return float(runs[key].mean()) if key in runs and runs[key].notna().any() else math.nan
+    if key not in runs:
+        raise KeyError(f"the runs have no {key!r}: not a sweep of this figure, or runs from an older icar")
+    return float(runs[key].mean()) if runs[key].notna().any() else math.nan
+
+
+def one_run_per(runs: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The first seed's run per value of `key`: the figures draw one model per panel (numbers say how many seeds)."""
+    return runs.sort_values("seed").drop_duplicates(subset=[key], keep="first")
 
 
 def prop2(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
@@ -91,8 +100,8 @@ def prop2(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
 def fig3(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
     """Claims 2 and 3 (Figure 3): A, B, B^T A and P of the diagonal model per context, with their distance to the
     theoretical optimum (icar.theory.distance_to_optimum, computed by each run's analysis)."""
-    numbers: Numbers = {}
-    runs = runs.sort_values("data.family", ascending=False)  # unitary first, as in the paper
+    numbers: Numbers = {"seeds": int(runs["seed"].nunique())}
+    runs = one_run_per(runs, "data.family").sort_values("data.family", ascending=False)  # unitary first, as in the paper
     fig, axes = plt.subplots(len(runs), 4, figsize=(4 * PANEL + 1, PANEL * len(runs)), squeeze=False)
     for row, (_, run) in zip(axes, runs.iterrows()):
         key = "unitary" if run["data.family"] == "unitary" else "rotation"
@@ -128,6 +137,7 @@ def fig5(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
         for suffix in ("mse_last", "mse"):
             numbers[f"L{L}/{suffix}"] = _mean(group, f"val/{suffix}")
             numbers[f"L{L}/{suffix}_max"] = float(group[f"val/{suffix}"].max())
+            numbers[f"L{L}/{suffix}_min"] = float(group[f"val/{suffix}"].min())
             numbers[f"L{L}/gd{L}_{suffix}"] = _mean(group, f"val/gd{L}/{suffix}")
     return numbers, paths
 
@@ -136,15 +146,19 @@ def fig6(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
     """Claim 6 (Figure 6): the learned P per angle scale mu (heatmap and last-row profile), against the exact
     minimiser (all weight on the newest token) and against gradient descent on the exact population loss from P = 0
     with the same step size and number of steps (icar.theory.pe_only_gd_P)."""
-    runs = runs.sort_values("data.mu")
+    seeds = int(runs["seed"].nunique())
+    runs = one_run_per(runs, "data.mu").sort_values("data.mu")
     fig, axes = plt.subplots(2, len(runs), figsize=(PANEL * len(runs), 2 * PANEL), squeeze=False)
-    numbers: Numbers = {"mus": [float(m) for m in runs["data.mu"]]}
+    numbers: Numbers = {"mus": [float(m) for m in runs["data.mu"]], "seeds": seeds}
     profiles = {}
     for col, (_, run) in enumerate(runs.iterrows()):
         mu, T = float(run["data.mu"]), int(run["data.T"])
         model = load_model(run["run_dir"])
         P = model.positional_weights(T).detach().double()
-        P_gd = pe_only_gd_P(T, mu, float(run["optim.lr"]), int(run["trainer.max_steps"]))
+        # the closed form is plain GD at a constant step: only a run trained that way has it as its reference
+        plain_sgd = (run["optim.optimizer"] == "sgd" and run["optim.schedule"] == "constant"
+                     and not run["optim.warmup_steps"] and not run["optim.grad_clip"] and not run["optim.weight_decay"])
+        P_gd = pe_only_gd_P(T, mu, float(run["optim.lr"]), int(run["trainer.max_steps"])) if plain_sgd else None
         rows = torch.tril(torch.ones(T, T, dtype=torch.bool))[1:]  # the trained rows tau = 2..T
         last = P[T - 1]
         profiles[mu] = last
@@ -153,15 +167,17 @@ def fig6(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
         numbers[f"{k}/newest_weight"] = float(last[T - 1])
         numbers[f"{k}/past_share"] = float(last[: T - 1].abs().sum() / last.abs().sum())
         numbers[f"{k}/dist_to_minimiser"] = _get(run, "analysis/theory/P_rel_dist")
-        numbers[f"{k}/dist_to_population_gd"] = float((P - P_gd)[1:][rows].norm() / P_gd[1:][rows].norm())
-        heatmap(axes[0, col], P[1:, :], f"P, mu = {mu:g} (rows tau = 2..{T})",
+        numbers[f"{k}/dist_to_population_gd"] = (
+            float((P - P_gd)[1:][rows].norm() / P_gd[1:][rows].norm()) if P_gd is not None else None)
+        heatmap(axes[0, col], P[1:, :], f"P, mu = {mu:g} (the authors' {2 * mu:g}), rows tau = 2..{T}",
                 mask=np.triu(np.ones((T, T), dtype=bool), k=1)[1:], first_label=1)
         ticks = np.arange(0, T, 4)
         axes[0, col].set_xticks(ticks + 0.5, ticks + 1)  # token t
         axes[0, col].set_yticks(ticks[ticks < T - 1] + 0.5, ticks[ticks < T - 1] + 2)  # prefix length tau
         ax = axes[1, col]
         ax.plot(np.arange(1, T + 1), last.numpy(), "k-o", markersize=3, label="trained (SGD)")
-        ax.plot(np.arange(1, T + 1), P_gd[T - 1].numpy(), "--", color="tab:orange", label="GD on the exact loss")
+        if P_gd is not None:
+            ax.plot(np.arange(1, T + 1), P_gd[T - 1].numpy(), "--", color="tab:orange", label="GD on the exact loss")
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set(xlabel="token t", ylabel=f"p_(T={T}, t)", title=f"last row, mu = {mu:g}")
         ax.legend(fontsize=7)
@@ -180,6 +196,8 @@ def fig7(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
     from icar.analysis.positional import positional_matrices
 
     linear = runs[runs["model.attention"] == "linear"] if "model.attention" in runs else runs
+    if linear.empty:
+        raise ValueError("fig7 draws the linear-attention model: the sweep has no run with model.attention=linear")
     first = linear.sort_values("seed").iloc[0]
     model = load_model(first["run_dir"])
     heads = head_orthogonality(model)
@@ -209,6 +227,9 @@ def fig7(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
                       ("ov_offdiag", "analysis/heads/layer0/ov_offdiag"),
                       ("P_fit_newest", "analysis/P/fit_newest"), ("P_two_tap_energy", "analysis/P/two_tap_energy")):
         numbers[name] = _mean(linear, key)
+    if P:  # the share of the positional weight (rows tau >= 3, mean over heads) on the first two tokens
+        W = next(iter(P.values())).abs()
+        numbers["P_first_two_share"] = float((W[2:, :2].sum(1) / W[2:].sum(1)).mean())
     return numbers, paths
 
 
@@ -265,8 +286,10 @@ def make_figure(figure: str, sweep_dir: Path, scale: str = "") -> FigureRecord:
         raise ValueError(f"{sweep_dir} holds runs of {', '.join(names)}, not of the {figure} sweep "
                          f"(sweeps/{figure}.yaml or sweeps/{figure}_quick.yaml)")
     numbers, paths = FIGURES[figure](runs, out)
+    # the sweep's wall time: from Hydra writing multirun.yaml (its start) to the last run's summary.json
     started = sweep_dir / "multirun.yaml"
-    wall = time.time() - started.stat().st_mtime if started.is_file() else None
+    ends = [p.stat().st_mtime for p in sweep_dir.rglob("summary.json")]
+    wall = max(ends) - started.stat().st_mtime if started.is_file() and ends else None
     scale = scale or ("cpu" if sweep_dir.parent.name.endswith("_quick") else "paper")
     record = FigureRecord(figure=figure, numbers=numbers, figures=[str(p) for p in paths], wall_s=wall,
                           machine=machine(), command=command_line(), scale=scale, finished=now())

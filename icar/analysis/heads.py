@@ -34,7 +34,9 @@ def mean_abs_offdiag(M: torch.Tensor) -> float:
 
 def head_matrices(attn: MultiHeadAttention) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head M_h = Wq_h^T Wk_h and O_h V_h = Wo[:, h] Wv_h, each (H, D, D): head h's scores are
-    x_t M_h x_t'^T / sqrt(head_dim) and its output is O_h V_h applied to the weighted sum of the tokens."""
+    x_t M_h x_t'^T / sqrt(head_dim) and its output is O_h V_h applied to the weighted sum of the tokens. With
+    model.bias=true the scores and values also have affine terms; these matrices (and the orthogonality measure)
+    leave the biases out."""
     H, dh = attn.n_heads, attn.head_dim
     W = attn.qkv.weight.detach()  # (3 H dh, D)
     Wq, Wk, Wv = W.view(3, H, dh, -1).unbind(0)  # each (H, dh, D)

@@ -6,11 +6,13 @@ A run folder is any folder below the sweep holding config.yaml and summary.json 
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import seaborn as sns
 from hydra.experimental.callback import Callback
@@ -53,14 +55,31 @@ def load_runs(sweep_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _tagged_keys(runs: pd.DataFrame) -> set[str]:
+    """The keys the runs carry as `key=value` W&B tags: what their sweep swept (icar.logging.sweep_context)."""
+    keys: set[str] = set()
+    for tags in runs["logger.tags"] if "logger.tags" in runs else []:
+        if isinstance(tags, str):  # read back from runs.csv
+            try:
+                tags = ast.literal_eval(tags)
+            except (ValueError, SyntaxError):
+                continue
+        if isinstance(tags, (list, tuple, np.ndarray)):
+            keys |= {str(t).split("=", 1)[0] for t in tags if "=" in str(t)}
+    return keys
+
+
 def swept_keys(runs: pd.DataFrame) -> list[str]:
-    """Config columns that take more than one value across the runs (the seed excepted: it is the spread)."""
+    """Config columns that take more than one value across the runs (the seed excepted: it is the spread). When the
+    runs carry their swept values as tags, only those keys: a sweep over `experiment=a,b` changes many keys at once,
+    and plotting against each of them would only mislead."""
     config_columns = [c for c in runs.columns if "." in c and "/" not in c]
     keys = [
         c for c in config_columns
         if c not in IGNORED_KEYS and not c.startswith(IGNORED_PREFIXES) and runs[c].astype(str).nunique() > 1
     ]
-    return sorted(keys)
+    tagged = _tagged_keys(runs)
+    return sorted(k for k in keys if not tagged or k in tagged)
 
 
 def plot_metric_against(runs: pd.DataFrame, x: str, path_stem: Path, metric: str = "val/mse_last",
@@ -160,17 +179,22 @@ def finish_sweep(sweep_dir: Path, title: str, log_to_wandb: bool = True, figure:
 
     sweep_dir = Path(sweep_dir)
     figures = aggregate(sweep_dir)
-    numbers = None
+    numbers, figure_error = None, None
     if figure:
         from icar.analysis.figures import make_figure
 
-        record = make_figure(figure, sweep_dir)
-        drawn: dict[str, list[Path]] = {}
-        for path in map(Path, record.figures):  # stem.png and stem.pdf under one name
-            drawn.setdefault(f"{figure}/{path.stem}", []).append(path)
-        figures = {**drawn, **figures}
-        numbers = {f"{figure}/{k}": v for k, v in record.numbers.items()}
-        log.info(f"{figure}: {sweep_dir / AGGREGATE_DIR / 'figure.json'}")
+        try:
+            record = make_figure(figure, sweep_dir)
+        except Exception as err:  # the table, report and W&B aggregate are still written; raised at the end
+            figure_error = err
+            log.exception(f"drawing {figure} from {sweep_dir} failed")
+        else:
+            drawn: dict[str, list[Path]] = {}
+            for path in map(Path, record.figures):  # stem.png and stem.pdf under one name
+                drawn.setdefault(f"{figure}/{path.stem}", []).append(path)
+            figures = {**drawn, **figures}
+            numbers = {f"{figure}/{k}": v for k, v in record.numbers.items()}
+            log.info(f"{figure}: {sweep_dir / AGGREGATE_DIR / 'figure.json'}")
     runs = pd.read_csv(sweep_dir / AGGREGATE_DIR / "runs.csv")
     pngs = [p for paths in figures.values() for p in paths if p.suffix == ".png"]
     report = write_html_report(sweep_dir, runs, pngs, swept_keys(runs), title)
@@ -178,13 +202,16 @@ def finish_sweep(sweep_dir: Path, title: str, log_to_wandb: bool = True, figure:
         log_aggregate_to_wandb(sweep_dir, runs, figures, numbers)
     log.info(f"aggregate of {len(runs)} runs: {sweep_dir / AGGREGATE_DIR / 'runs.csv'}, {len(pngs)} figures, "
              f"{report}")
+    if figure_error is not None:
+        raise figure_error
     return report
 
 
 class AggregateOnSweepEnd(Callback):
     """Hydra callback of the sweep configs (`sweeps/*.yaml`): `finish_sweep` once every job has ended, then, for a
     figure sweep (`figure: fig3`, ...), the paper's figure and its record (icar.analysis.figures). Hydra turns a
-    callback's exception into a warning, so a failure is logged as an error naming the command that redoes it."""
+    callback's exception into a warning, so a failure is logged with the command that redoes it and ends the process
+    with exit status 1 (SystemExit passes through Hydra), so that `make fig3` fails rather than succeeding silently."""
 
     def __init__(self, figure: str | None = None) -> None:
         self.figure = figure
@@ -196,6 +223,6 @@ class AggregateOnSweepEnd(Callback):
             redo += f" && python scripts/reproduction.py --figure {self.figure} {sweep_dir}"
         try:
             finish_sweep(sweep_dir, f"icar sweep {config.name}", figure=self.figure)
-        except Exception:
+        except Exception as err:
             log.exception(f"aggregating {sweep_dir} failed; redo it with: {redo}")
-            raise
+            raise SystemExit(f"aggregating {sweep_dir} failed ({type(err).__name__}: {err}); redo it with: {redo}")
