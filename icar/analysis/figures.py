@@ -16,7 +16,7 @@ import torch
 
 from icar.analysis.plots import PANEL, heatmap, plot_mse_by_position, plt, save_figure
 from icar.analysis.record import FigureRecord, command_line, machine, now
-from icar.analysis.sweep import AGGREGATE_DIR, load_runs, plot_metric_against
+from icar.analysis.sweep import AGGREGATE_DIR, load_runs, plot_metric_against, swept_values
 from icar.theory import pe_only_gd_P, prop2_min_loss
 
 Numbers = dict[str, Any]
@@ -24,11 +24,7 @@ Numbers = dict[str, Any]
 
 def experiment_of(run: pd.Series) -> str:
     """The experiment a sweep job ran (its `experiment=...` tag), or the run's name."""
-    tags = run.get("logger.tags")
-    for tag in tags if isinstance(tags, (list, tuple, np.ndarray)) else []:
-        if str(tag).startswith("experiment="):
-            return str(tag).split("=", 1)[1]
-    return str(run.get("name", ""))
+    return swept_values(run.get("logger.tags")).get("experiment", str(run.get("name", "")))
 
 
 def load_model(run_dir: str | Path) -> torch.nn.Module:

@@ -55,18 +55,22 @@ def load_runs(sweep_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def swept_values(tags: Any) -> dict[str, str]:
+    """{key: value} of a run's `key=value` W&B tags (what its sweep swept, icar.logging.sweep_context); `tags` is the
+    run's `logger.tags` as loaded from config.yaml (a list) or read back from runs.csv (its string)."""
+    if isinstance(tags, str):
+        try:
+            tags = ast.literal_eval(tags)
+        except (ValueError, SyntaxError):
+            return {}
+    if not isinstance(tags, (list, tuple, np.ndarray)):
+        return {}
+    return dict(str(t).split("=", 1) for t in tags if "=" in str(t))
+
+
 def _tagged_keys(runs: pd.DataFrame) -> set[str]:
-    """The keys the runs carry as `key=value` W&B tags: what their sweep swept (icar.logging.sweep_context)."""
-    keys: set[str] = set()
-    for tags in runs["logger.tags"] if "logger.tags" in runs else []:
-        if isinstance(tags, str):  # read back from runs.csv
-            try:
-                tags = ast.literal_eval(tags)
-            except (ValueError, SyntaxError):
-                continue
-        if isinstance(tags, (list, tuple, np.ndarray)):
-            keys |= {str(t).split("=", 1)[0] for t in tags if "=" in str(t)}
-    return keys
+    """The keys the runs carry as swept `key=value` tags."""
+    return {k for tags in (runs["logger.tags"] if "logger.tags" in runs else []) for k in swept_values(tags)}
 
 
 def swept_keys(runs: pd.DataFrame) -> list[str]:
