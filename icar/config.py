@@ -61,6 +61,14 @@ class Positional(str, Enum):
     additive = "additive"  # learned positional embedding added to the input tokens
 
 
+class Kernel(str, Enum):
+    """How a Transformer layer evaluates attention (icar/models/transformer.py); all give the same numbers."""
+
+    auto = "auto"  # the token-space kernel where it applies and its cost model says it is cheaper, else dense
+    fast = "fast"  # the token-space kernel wherever it applies (linear scores, first layer), else dense
+    explicit = "explicit"  # the reference: the full (B, H, T, T) weights, token weights times positional weights
+
+
 class Embedding(str, Enum):
     repeat = "repeat"  # tile the token to d_model (identity when the widths agree), as the authors do
     linear = "linear"  # learned linear map
@@ -134,6 +142,7 @@ class ModelConfig:
     init_std: float = 0.1  # diagonal model: std of the Gaussian initialisation of A, B, P
     pe_only: bool = False  # diagonal model: C = B^T A fixed to I (A = B = I, n_heads = d), only P trained, from P = 0
     gd_blocks: bool = False  # keep only the blocks of Proposition 1 (query s_t, key s_{t-1}, value s_t, out: zero block)
+    kernel: Kernel = Kernel.auto  # attention evaluation: auto | fast | explicit (the same function, other speeds)
 
 
 @dataclass

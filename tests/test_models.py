@@ -453,15 +453,21 @@ def test_build_model_rejects_bad_widths(overrides: dict, match: str) -> None:
 def test_cpu_batch_chunks_give_the_same_outputs_and_gradients(monkeypatch, attention, positional):
     """The CPU path that runs attention in batch chunks equals the one-shot layer, outputs and gradients."""
     import icar.models.transformer as tr
-    from icar.config import Attention, ModelConfig, Positional
+    from icar.config import Attention, Kernel, ModelConfig, Positional
 
-    cfg = ModelConfig(attention=Attention(attention), positional=Positional(positional), n_heads=3, head_dim=4)
+    for kernel, method in ((Kernel.explicit, "_attend"), (Kernel.auto, "_attend_dense")):
+        cfg = ModelConfig(attention=Attention(attention), positional=Positional(positional), n_heads=3, head_dim=4,
+                          kernel=kernel)
+        _check_chunks(monkeypatch, tr, cfg, method, attention, positional)
+
+
+def _check_chunks(monkeypatch, tr, cfg, method: str, attention: str, positional: str) -> None:
     torch.manual_seed(0)
     attn = tr.MultiHeadAttention(cfg, d_model=6, head_dim=4, max_len=7).double()
     x = torch.randn(10, 7, 6, dtype=torch.float64)
     results, calls = [], []
-    attend = attn._attend
-    monkeypatch.setattr(attn, "_attend", lambda x, pos: calls.append(len(x)) or attend(x, pos))
+    attend = getattr(attn, method)
+    monkeypatch.setattr(attn, method, lambda x, pos: calls.append(len(x)) or attend(x, pos))
     for elements in (1 << 30, 3 * 7 * 7 * 3):  # one chunk; chunks of 3 sequences (the last one shorter)
         monkeypatch.setattr(tr, "CHUNK_ELEMENTS", elements)
         attn.zero_grad()

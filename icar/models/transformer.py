@@ -14,23 +14,52 @@ Layer: x <- x + LayerNorm(Attention(x)) (LayerNorm and residual optional), atten
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from icar.config import Attention, Embedding, ModelConfig, Positional, Readout
+from icar.config import Attention, Embedding, Kernel, ModelConfig, Positional, Readout
+from icar.models.token_space import QUERY_BLOCKS, token_space_attention
 
 CHUNK_ELEMENTS = 1 << 20  # CPU: attention weights per batch chunk (4 MB in float32)
 
 
+class TokenCoords(NamedTuple):
+    """A first layer's input as x = s @ basis^T (+ offset): the coordinates of its tokens, for the token-space
+    kernel (icar/models/token_space.py). Raw d = 5 tokens repeated to d_model = 10 have r = 5 coordinates."""
+
+    s: torch.Tensor  # (B, T, r)
+    basis: torch.Tensor  # (d_model, r)
+    offset: torch.Tensor | None  # (d_model,)
+
+
+def dense_flops(H: int, T: int, dh: int) -> int:
+    """Multiply-adds x 2 per sequence of the dense kernel's forward pass: scores and weighted values."""
+    return 4 * H * T * T * dh
+
+
+def token_space_flops(r: int, T: int, D: int) -> int:
+    """The same for the token-space kernel: its one GEMM over the causal query blocks."""
+    pairs = r * (r + 1) // 2
+    return 2 * T * pairs * T * r * D * (QUERY_BLOCKS + 1) // (2 * QUERY_BLOCKS)
+
+
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head attention with all heads computed in one batched product (no loop over heads)."""
+    """Causal multi-head attention with all heads computed in one batched product (no loop over heads).
+
+    Three evaluations of the same function (model.kernel): `explicit` builds the (B, H, T, T) weights as written
+    above; the dense kernel does the same with the positional factor, the causal mask and 1/sqrt(dh) folded into
+    one float factor and contiguous operands; the token-space kernel (linear scores on a first layer's low-rank
+    tokens) never builds per-sequence weights. `auto` takes the token-space kernel when its forward FLOPs are
+    below the dense kernel's (its backward is also cheaper: a first layer's tokens need no gradient).
+    """
 
     def __init__(self, cfg: ModelConfig, d_model: int, head_dim: int, max_len: int) -> None:
         super().__init__()
-        self.kind, self.positional = cfg.attention, cfg.positional
+        self.kind, self.positional, self.kernel = cfg.attention, cfg.positional, cfg.kernel
         self.n_heads, self.head_dim = cfg.n_heads, head_dim
         self.qkv = nn.Linear(d_model, 3 * cfg.n_heads * head_dim, bias=cfg.bias)
         self.out = nn.Linear(cfg.n_heads * head_dim, d_model, bias=cfg.bias)  # O_h V_h per head
@@ -79,23 +108,77 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self._split_heads(x)  # each (B, H, T, dh)
         return self._merge_heads(self._weights(q, k, pos) @ v)  # weights @ v: (B, H, T, dh)
 
+    def _attend_dense(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """The dense kernel: `_attend` with one float factor (positional x causal / sqrt(dh) for linear scores,
+        positional for softmax) and the keys laid out (B, H, dh, T) contiguously for the batched products."""
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, dh)
+        q = qkv[:, :, 0].transpose(1, 2)  # (B, H, T, dh)
+        kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous()  # (B, H, dh, T)
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, dh)
+        if self.kind == Attention.softmax:
+            scores = (q @ kt).masked_fill(~self.causal[:T, :T], float("-inf"))  # (B, H, T, T)
+            weights = torch.softmax(scores / math.sqrt(self.head_dim), dim=-1) * factor
+        else:
+            weights = (q @ kt) * factor  # (B, H, T, T)
+        return self._merge_heads(weights @ v)
+
     def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         """(B, H, T, dh) -> concatenated heads through the output projection, (B, T, d_model)."""
         B, H, T, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * dh))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def uses_token_space(self, coords: TokenCoords | None, T: int) -> bool:
+        """Whether `forward` evaluates this layer with the token-space kernel, given its tokens' coordinates."""
+        if coords is None or self.kind != Attention.linear or self.kernel == Kernel.explicit:
+            return False
+        if self.positional == Positional.additive:  # the additive embedding is outside the token coordinates
+            return False
+        r = coords.s.shape[-1] + int(coords.offset is not None or self.qkv.bias is not None)
+        cheaper = token_space_flops(r, T, self.out.out_features) < dense_flops(self.n_heads, T, self.head_dim)
+        return self.kernel == Kernel.fast or cheaper
+
+    def _token_space(self, coords: TokenCoords, pos: torch.Tensor | None) -> torch.Tensor:
+        """The layer through `token_space_attention`: the projections composed with the tokens' basis."""
+        H, dh = self.n_heads, self.head_dim
+        s, basis, offset = coords
+        B, T, _ = s.shape
+        W = self.qkv.weight.view(3, H, dh, -1)  # (3, H, dh, D)
+        A = W @ basis  # (3, H, dh, r): the projections of the token coordinates
+        const = None if offset is None else W @ offset  # (3, H, dh)
+        if self.qkv.bias is not None:
+            bias = self.qkv.bias.view(3, H, dh)
+            const = bias if const is None else const + bias
+        if const is not None:  # a constant coordinate carries the biases
+            A = torch.cat([A, const.unsqueeze(-1)], dim=-1)
+            s = torch.cat([s, s.new_ones(B, T, 1)], dim=-1)
+        Wo = self.out.weight.view(-1, H, dh).transpose(0, 1)  # (H, D, dh)
+        if pos is None:
+            pos = self.causal[:T, :T].to(s.dtype)
+        pos = pos if pos.dim() == 3 else pos.unsqueeze(0)  # (1 or H, T, T)
+        return token_space_attention(s, A[0] / math.sqrt(dh), A[1], A[2], Wo, self.out.bias, pos)
+
+    def forward(self, x: torch.Tensor, coords: TokenCoords | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); `coords`, when given, must describe x (x = s basis^T + offset)."""
         B, T, _ = x.shape
         if self.kind == Attention.softmax and self.positional in (Positional.none, Positional.additive):
             q, k, v = self._split_heads(x)  # each (B, H, T, dh)
             return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))  # fused kernel
         pos = self.positional_weights(T)  # batch-independent: computed once
+        if self.uses_token_space(coords, T):
+            return self._token_space(coords, pos)  # type: ignore[arg-type]
+        if self.kernel == Kernel.explicit:
+            attend, arg = self._attend, pos
+        else:
+            factor = self.causal[:T, :T].to(x.dtype) if pos is None else pos
+            attend, arg = self._attend_dense, factor / math.sqrt(self.head_dim) if self.kind == Attention.linear \
+                else factor
         chunk = max(1, CHUNK_ELEMENTS // (self.n_heads * T * T))
         if x.device.type != "cpu" or B <= chunk:
-            return self._attend(x, pos)
+            return attend(x, arg)
         # On CPU, (B, H, T, T) intermediates of hundreds of MB cost more in page faults and memory traffic than in
         # arithmetic (measured 3.3x slower at B=1024, H=64, T=50): run the layer in batch chunks of a few MB.
-        return torch.cat([self._attend(x[i : i + chunk], pos) for i in range(0, B, chunk)])
+        return torch.cat([attend(x[i : i + chunk], arg) for i in range(0, B, chunk)])
 
 
 class Masked(nn.Module):
@@ -133,8 +216,8 @@ class Block(nn.Module):
         self.norm = nn.LayerNorm(d_model) if cfg.layernorm else nn.Identity()
         self.residual = cfg.residual
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.attn(x))  # (B, T, d_model)
+    def forward(self, x: torch.Tensor, coords: TokenCoords | None = None) -> torch.Tensor:
+        h = self.norm(self.attn(x, coords))  # (B, T, d_model)
         return x + h if self.residual else h
 
 
@@ -183,8 +266,18 @@ class Transformer(nn.Module):
         """Residual stream (..., d_model) -> predictions (..., out_dim): the zero block or a learned map."""
         return x[..., : self.out_dim] if self.readout is None else self.readout(x)
 
+    def token_coords(self, e: torch.Tensor) -> TokenCoords | None:
+        """The residual stream entering the first layer in the coordinates of the tokens (x = e basis^T + offset),
+        or None with additive positions (not a function of the token alone)."""
+        if self.pos_emb is not None:
+            return None
+        if self.embedding == Embedding.linear:
+            return TokenCoords(e, self.embed.weight, self.embed.bias)
+        eye = torch.eye(self.token_dim, dtype=e.dtype, device=e.device)
+        return TokenCoords(e, eye.repeat(self.d_model // self.token_dim, 1), None)  # repeat: stacked identities
+
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(e)  # (B, T, d_model)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.token_coords(e) if i == 0 else None)
         return self.read_out(x)  # (B, T, out_dim)
