@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import time
@@ -20,8 +21,13 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def _plain(value: Any) -> Any:
+    """A JSON value: tensors as numbers or lists, a non-finite number as null (strict JSON has no NaN)."""
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+        value = value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
     return value
 
 
