@@ -353,8 +353,9 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         except SIGTERMException:  # Lightning's SystemExit without a code: exit 0 would tell a scheduler "done"
             if is_being_requeued(run_dir):
                 raise
-            log.error(f"stopped by SIGTERM at step {trainer.global_step}; resume with"
-                      f" ckpt_path={ckpt_dir / 'interrupted.ckpt'}")
+            if trainer.is_global_zero:
+                print(f"stopped by SIGTERM at step {trainer.global_step}; resume with"
+                      f" ckpt_path={ckpt_dir / 'interrupted.ckpt'}", file=sys.stderr, flush=True)
             raise SystemExit(SIGTERM_EXIT) from None
         except Diverged as err:
             if trainer.is_global_zero:
