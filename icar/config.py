@@ -194,6 +194,7 @@ class TrainConfig:
     loss_on: LossOn = LossOn.all
     run_dir: Optional[str] = None  # None: the current directory
     ckpt_path: Optional[str] = None  # resume from this checkpoint
+    resume_override: bool = False  # resume although the model, data, optimiser or seed differ (recorded in resumes/)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -225,6 +226,9 @@ def to_plain_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# lightning.fabric.plugins.precision.precision._PRECISION_INPUT_STR(_ALIAS) (Lightning 2.6), listed here so that validate needs no Lightning
+PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine",
+              "transformer-engine-float16", "64", "32", "16", "bf16")
 
 
 def available_devices(accelerator: str) -> tuple[str, int]:
@@ -310,6 +314,7 @@ def validate(cfg: TrainConfig) -> None:
         tr.accelerator in ACCELERATORS,
         f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {tr.accelerator!r}",
     )
+    _require(tr.precision in PRECISIONS, f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {tr.precision!r}")
     kind, count = available_devices(tr.accelerator)
     _require(
         tr.devices <= count,
@@ -325,13 +330,32 @@ def validate(cfg: TrainConfig) -> None:
         _require(os.path.isfile(cfg.ckpt_path), f"ckpt_path={cfg.ckpt_path} does not exist or is not a file")
 
 
-def run_dir_for(ckpt_path: str | None, default: str) -> str:
-    """Hydra's run folder: a resumed run (ckpt_path=RUN/checkpoints/x.ckpt) continues in RUN, others get `default`."""
+def launch_id() -> str:
+    """This launch's id, shared by the processes it starts (DDP ranks, sweep workers inherit the environment): it
+    makes folders named to the second unique when two launches start in the same second."""
+    return os.environ.setdefault("ICAR_LAUNCH_ID", str(os.getpid()))
+
+
+def _resumed_run(ckpt_path: str | None) -> str | None:
     if ckpt_path:
         ckpt = os.path.abspath(ckpt_path)
         if os.path.basename(os.path.dirname(ckpt)) == "checkpoints":
             return os.path.dirname(os.path.dirname(ckpt))
-    return default
+    return None
+
+
+def run_dir_for(ckpt_path: str | None, default: str) -> str:
+    """Hydra's output folder: for a resumed run (ckpt_path=RUN/checkpoints/x.ckpt) RUN/resumes/<time>-<id>, so that
+    the original's `.hydra/` stays as it was; others get `default`-<launch id>."""
+    run = _resumed_run(ckpt_path)
+    if run is not None:
+        return os.path.join(run, "resumes", f"{os.path.basename(default)}-{launch_id()}")
+    return f"{default}-{launch_id()}"
+
+
+def run_root_for(ckpt_path: str | None, output_dir: str) -> str:
+    """The run folder: a resumed run continues in RUN, others use Hydra's output folder."""
+    return _resumed_run(ckpt_path) or output_dir
 
 
 def gpu_count() -> int:
@@ -342,10 +366,12 @@ def gpu_count() -> int:
 
 
 def register_configs() -> None:
-    """Register the schema (`train_schema`) with Hydra and the resolvers of conf/: `icar_run_dir` (train.yaml) and
-    `icar_gpu_count` (hydra/launcher/gpus.yaml)."""
+    """Register the schema (`train_schema`) with Hydra and the resolvers of conf/: `icar_run_dir`, `icar_run_root`,
+    `icar_launch_id` (train.yaml, sweeps/) and `icar_gpu_count` (hydra/launcher/gpus.yaml)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("icar_run_dir", run_dir_for, replace=True)
+    OmegaConf.register_new_resolver("icar_run_root", run_root_for, replace=True)
+    OmegaConf.register_new_resolver("icar_launch_id", launch_id, replace=True)
     OmegaConf.register_new_resolver("icar_gpu_count", gpu_count, replace=True)

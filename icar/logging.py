@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import netrc
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from icar.config import LoggerConfig, LoggerKind, WandbMode
+from icar.config import ConfigError, LoggerConfig, LoggerKind, WandbMode
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def _plain(value: Any) -> Any:
+    """A JSON value: tensors as numbers or lists, a non-finite number as null (strict JSON has no NaN)."""
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+        value = value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
     return value
 
 
@@ -86,6 +97,36 @@ def wandb_mode(cfg: LoggerConfig) -> str:
     return "online" if has_wandb_key() else "offline"
 
 
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server (or the HTTPS proxy in the way) opens within `timeout` seconds:
+    wandb itself waits its whole init_timeout, then fails, on a node without network."""
+    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or \
+        os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    parsed = urlsplit(url if "://" in url else f"http://{url}")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def checked_wandb_mode(cfg: LoggerConfig, run_dir: str | Path) -> str:
+    """`wandb_mode`, refusing online without a key (one line) and falling back to offline, with one warning line,
+    when the server cannot be reached."""
+    mode = wandb_mode(cfg)
+    if mode != "online":
+        return mode
+    if not has_wandb_key():
+        raise ConfigError("W&B is set online (logger.mode or WANDB_MODE) but no API key is configured: set"
+                          " WANDB_API_KEY or run `wandb login`, or use logger.mode=offline")
+    if not wandb_reachable():
+        log.warning(f"W&B server {os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')} unreachable: logging"
+                    f" offline; upload later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*`")
+        return "offline"
+    return mode
+
+
 def sweep_group(sweep_dir: str | Path) -> str:
     """The W&B group of a sweep: its folder below `multirun/` (`sweep_depth/2026-11-23_10-00-00`), else its name."""
     parts = Path(sweep_dir).absolute().parts
@@ -129,7 +170,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config:
     elif cfg.kind == LoggerKind.wandb:
         import wandb
 
-        mode = wandb_mode(cfg)
+        mode = checked_wandb_mode(cfg, run_dir) if rank_zero_only.rank == 0 else wandb_mode(cfg)
         id_file = Path(run_dir) / "wandb_id.txt"  # a resumed run continues the same W&B run
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         if rank_zero_only.rank == 0:

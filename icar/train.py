@@ -22,10 +22,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from icar.analysis.callback import AnalysisCallback
 from icar.baselines import InContextBaselines
+from icar.checkpoint_io import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from icar.config import (
     LossOn,
     Optimizer,
@@ -41,8 +43,10 @@ from icar.data.datamodule import ARDataModule
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens, realify
 from icar.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
+from icar.guards import SIGTERM_EXIT, Diverged, DivergenceGuard, finite_or_none, is_being_requeued
 from icar.logging import build_loggers, log_curves, sweep_context
 from icar.models import build_model
+from icar.resume import check_resume, record_resume, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +201,13 @@ class CheckpointOnInterrupt(Callback):
         self._saving = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.global_step == 0:
-            return  # nothing trained yet
+        if trainer.global_step == 0 or isinstance(exception, (Diverged, CheckpointError)):
+            return  # nothing trained yet, non-finite weights, or the disk just refused a checkpoint
         self._saving = True
         try:
             trainer.save_checkpoint(self.path)
+        except CheckpointError as err:  # keep the original exception: it says why the run stopped
+            log.error(f"{err} (after: {type(exception).__name__}: {exception})")
         finally:
             self._saving = False
 
@@ -278,9 +284,16 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         cfg.logger.tags = [*cfg.logger.tags, *(f"{k}={v}"[:64] for k, v in swept.items())]
     run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
     config = to_plain_dict(cfg)
+    resumed = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    diff = check_resume(dict(resumed["hyper_parameters"]), config, cfg.resume_override) if resumed else {}
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+        if resumed is None or not (run_dir / "config.yaml").exists():  # the original's config is never rewritten
+            OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+        if resumed is not None:
+            record_resume(run_dir, cfg.ckpt_path, resumed["global_step"], diff, cfg.resume_override)
+            truncate_metrics(run_dir, resumed["global_step"])  # the resumed steps log them again: theirs win
+    del resumed
     if available_devices(cfg.trainer.accelerator)[0] == "cpu":
         keep_freed_memory()
     if torch.cuda.is_available():
@@ -297,6 +310,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/mse", mode="min", save_last=True),
         CheckpointOnInterrupt(ckpt_dir / "interrupted.ckpt"),
         ValidateAtEnd(),
+        DivergenceGuard(),
     ]
     analysis = (
         AnalysisCallback(run_dir, cfg.eval.analysis_every, cfg.trainer.val_check_interval) if cfg.eval.analysis else None
@@ -328,6 +342,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
             use_distributed_sampler=False,  # the DataModule shards validation itself, without padding
             default_root_dir=str(run_dir),
             enable_model_summary=False,
+            plugins=[AtomicCheckpointIO()],
         )
         wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
         if rank_zero_only.rank == 0:
@@ -335,6 +350,18 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
                 lg.experiment  # create the run in this process, before any fork (ddp_fork, multirun jobs)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        except SIGTERMException:  # Lightning's SystemExit without a code: exit 0 would tell a scheduler "done"
+            if is_being_requeued(run_dir):
+                raise
+            if trainer.is_global_zero:
+                print(f"stopped by SIGTERM at step {trainer.global_step}; resume with"
+                      f" ckpt_path={ckpt_dir / 'interrupted.ckpt'}", file=sys.stderr, flush=True)
+            raise SystemExit(SIGTERM_EXIT) from None
+        except Diverged as err:
+            if trainer.is_global_zero:
+                write_summary(run_dir, {"diverged": True, "diverged_step": err.step,
+                                        "diverged_value": str(err.value), "global_step": trainer.global_step})
+            raise
         finally:
             if wandb_loggers and rank_zero_only.rank == 0:
                 import wandb
@@ -345,5 +372,11 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
     if analysis is not None and analysis.result is not None:
         metrics.update({f"analysis/{name}": value for name, value in analysis.result.scalars.items()})
     if trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_summary(run_dir, metrics)
     return metrics
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json in strict JSON: a non-finite number is null."""
+    summary = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in summary.items()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")

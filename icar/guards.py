@@ -1,0 +1,60 @@
+"""What ends a run early, and how it ends: divergence (a non-finite loss), SIGTERM (exit 128 + 15 unless the run is
+being requeued), and the one-line failures `scripts/train.py` prints instead of a traceback."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's convention for "killed by SIGTERM"
+_STARTED = time.time()
+
+
+class RunFailure(RuntimeError):
+    """A run that cannot go on, with a message of one line naming what went wrong and the fix."""
+
+
+class Diverged(RunFailure):
+    """The training loss became non-finite."""
+
+    def __init__(self, step: int, value: float) -> None:
+        self.step, self.value = step, value
+        super().__init__(
+            f"diverged: train/loss = {value} at step {step}; lower optim.lr, set optim.grad_clip (e.g. 1.0)"
+            " or add optim.warmup_steps"
+        )
+
+
+class DivergenceGuard(Callback):
+    """Stop at the first non-finite training loss (every rank agrees, so none waits in a collective)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise Diverged(trainer.global_step, float(loss.detach().float().cpu()))
+
+
+def is_being_requeued(run_dir: Path) -> bool:
+    """True when this SLURM job is being requeued: Lightning's auto-requeue handler saved `hpc_ckpt_*.ckpt` in the
+    run folder during this process (then ran `scontrol requeue`), so a SIGTERM is expected and is not a failure."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return False
+    return any(p.stat().st_mtime >= _STARTED for p in Path(run_dir).glob("hpc_ckpt_*.ckpt"))
+
+
+def finite_or_none(value: float) -> float | None:
+    """Strict JSON has no NaN or Infinity: a non-finite number is recorded as null."""
+    return value if math.isfinite(value) else None
