@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from icar.config import Basis, ConfigError, DataConfig, Family, Start, Tokens, TrainConfig, validate
 from icar.data.contexts import haar_orthogonal, rotation_blocks, sample_contexts
 from icar.data.datamodule import ARDataModule, SequenceStream, stream_seed
-from icar.data.sequences import SequenceSampler
+from icar.data.sequences import SequenceSampler, roll_out
 from icar.data.tokens import encode_tokens, realify, token_width
 
 ATOL = 1e-5  # float32 precision for O(1) entries after ~T matmuls
@@ -526,3 +526,18 @@ def test_gram_schmidt_equals_sign_fixed_qr(d):
         torch.randn(3, d, d, generator=torch.Generator().manual_seed(0))
     )
     assert torch.equal(W, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 7, 8, 9, 50])
+def test_noiseless_roll_out_by_doubling_equals_the_step_by_step_recursion(steps, dtype):
+    """The fast path (powers by doubling) against s_{t+1} = W s_t written as a loop, any step count."""
+    g = torch.Generator().manual_seed(steps)
+    W = torch.randn(7, 4, 4, generator=g, dtype=dtype) / 2
+    s1 = torch.randn(7, 4, generator=g, dtype=dtype)
+    expected = [s1]
+    for _ in range(steps):
+        expected.append(torch.einsum("nij,nj->ni", W, expected[-1]))
+    got = roll_out(W, s1, steps)
+    assert got.shape == (7, steps + 1, 4)
+    torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-12, atol=1e-12)

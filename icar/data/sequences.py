@@ -49,15 +49,31 @@ def roll_out(
 ) -> torch.Tensor:
     """s_1..s_{steps+1} from s_{t+1} = W s_t + sigma eps_t; W (n, d, d), s1 (n, d) -> (n, steps + 1, d).
 
-    Complex noise has E|eps_j|^2 = 1 per coordinate, like real noise.
+    Complex noise has E|eps_j|^2 = 1 per coordinate, like real noise. Without noise, by doubling (`_roll_out_powers`).
     """
+    if sigma == 0:
+        return _roll_out_powers(W, s1, steps)
     s = [s1]
     for _ in range(steps):
         nxt = torch.einsum("nij,nj->ni", W, s[-1])  # (n, d)
-        if sigma > 0:
-            nxt = nxt + sigma * torch.randn(nxt.shape, generator=generator, device=nxt.device, dtype=nxt.dtype)
+        nxt = nxt + sigma * torch.randn(nxt.shape, generator=generator, device=nxt.device, dtype=nxt.dtype)
         s.append(nxt)
     return torch.stack(s, dim=1)
+
+
+def _roll_out_powers(W: torch.Tensor, s1: torch.Tensor, steps: int) -> torch.Tensor:
+    """The noiseless recursion by doubling: s_1..s_k known, s_{k+1}..s_{2k} = W^k s_1..s_k, then W^{2k} = (W^k)^2.
+
+    About 2 log2(steps) batched products instead of `steps` small ones (1024 sequences of T = 50 in d = 5 on two
+    CPU cores: 0.75 ms against 1.36 ms); rounding differs from the step-by-step recursion at float precision
+    (tests/test_data.py compares them)."""
+    s = s1.unsqueeze(1)  # (n, k, d) with k = 1
+    power = W  # W^k
+    while s.shape[1] < steps + 1:
+        s = torch.cat([s, s @ power.transpose(-1, -2)], dim=1)  # rows: (W^k s_j)^T = s_j^T (W^k)^T
+        if s.shape[1] < steps + 1:
+            power = power @ power
+    return s[:, : steps + 1]
 
 
 @dataclass
