@@ -14,6 +14,7 @@ Layer: x <- x + LayerNorm(Attention(x)) (LayerNorm and residual optional), atten
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import NamedTuple
 
 import torch
@@ -36,9 +37,14 @@ class TokenCoords(NamedTuple):
     offset: torch.Tensor | None  # (d_model,)
 
 
-def dense_flops(H: int, T: int, dh: int) -> int:
-    """Multiply-adds x 2 per sequence of the dense kernel's forward pass: scores and weighted values."""
-    return 4 * H * T * T * dh
+def dense_flops(H: int, T: int, dh: int, D: int) -> int:
+    """Multiply-adds x 2 per sequence of the dense kernel's forward pass: projections, scores, weighted values."""
+    return 4 * H * T * T * dh + 8 * T * D * H * dh
+
+
+def coordinate_flops(H: int, T: int, r: int, D: int) -> int:
+    """The same for the coordinate kernel: scores and weighted values in the r token coordinates, then U."""
+    return 4 * H * T * T * r + 2 * T * H * r * (r + D)
 
 
 def token_space_flops(r: int, T: int, D: int) -> int:
@@ -47,14 +53,27 @@ def token_space_flops(r: int, T: int, D: int) -> int:
     return 2 * T * pairs * T * r * D * (QUERY_BLOCKS + 1) // (2 * QUERY_BLOCKS)
 
 
+class AttentionPath(str, Enum):
+    """How `MultiHeadAttention.forward` evaluates a layer (model.kernel picks among those that apply)."""
+
+    explicit = "explicit"  # the (B, H, T, T) weights as written: the reference
+    fused = "fused"  # softmax scores without positional weights: torch's scaled_dot_product_attention
+    dense = "dense"  # one float factor, contiguous keys, batch chunks on CPU
+    coordinates = "coordinates"  # a first layer: scores and values in its r token coordinates (r < head_dim)
+    token_space = "token_space"  # a first layer, linear scores: one batch GEMM, no per-sequence weights
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head attention with all heads computed in one batched product (no loop over heads).
 
-    Three evaluations of the same function (model.kernel): `explicit` builds the (B, H, T, T) weights as written
-    above; the dense kernel does the same with the positional factor, the causal mask and 1/sqrt(dh) folded into
-    one float factor and contiguous operands; the token-space kernel (linear scores on a first layer's low-rank
-    tokens) never builds per-sequence weights. `auto` takes the token-space kernel when its forward FLOPs are
-    below the dense kernel's (its backward is also cheaper: a first layer's tokens need no gradient).
+    Evaluations of the same function (`AttentionPath`, chosen by `path`): `explicit` builds the (B, H, T, T) weights as
+    written above; the dense kernel does the same with the positional factor, the causal mask and 1/sqrt(dh) folded
+    into one float factor and contiguous operands. A first layer sees tokens x = basis s (+ offset) with r token
+    coordinates, so q_t . k_t' = s_t^T M s_t' and the output is U s_t' summed: the coordinate kernel computes the
+    weights from m_t = M^T s_t against the coordinates themselves (r-wide products instead of head_dim-wide, and
+    no gradient for keys and values); with linear scores the token-space kernel never builds per-sequence weights.
+    model.kernel=auto takes the path with the fewest forward FLOPs, `fast` the most specialised one that applies
+    (for tests), `explicit` the reference.
     """
 
     def __init__(self, cfg: ModelConfig, d_model: int, head_dim: int, max_len: int) -> None:
@@ -128,18 +147,30 @@ class MultiHeadAttention(nn.Module):
         B, H, T, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * dh))
 
-    def uses_token_space(self, coords: TokenCoords | None, T: int) -> bool:
-        """Whether `forward` evaluates this layer with the token-space kernel, given its tokens' coordinates."""
-        if coords is None or self.kind != Attention.linear or self.kernel == Kernel.explicit:
-            return False
-        if self.positional == Positional.additive:  # the additive embedding is outside the token coordinates
-            return False
+    def path(self, coords: TokenCoords | None, T: int) -> AttentionPath:
+        """The evaluation `forward` uses for this layer, given its tokens' coordinates (None: not a first layer)."""
+        if self.kernel == Kernel.explicit:
+            return AttentionPath.explicit
+        if self.kind == Attention.softmax and self.positional in (Positional.none, Positional.additive):
+            return AttentionPath.fused
+        if coords is None or self.positional == Positional.additive:  # additive: outside the token coordinates
+            return AttentionPath.dense
+        H, dh, D = self.n_heads, self.head_dim, self.out.out_features
         r = coords.s.shape[-1] + int(coords.offset is not None or self.qkv.bias is not None)
-        cheaper = token_space_flops(r, T, self.out.out_features) < dense_flops(self.n_heads, T, self.head_dim)
-        return self.kernel == Kernel.fast or cheaper
+        cost = {AttentionPath.dense: dense_flops(H, T, dh, D), AttentionPath.coordinates: coordinate_flops(H, T, r, D)}
+        if self.kind == Attention.linear:
+            cost[AttentionPath.token_space] = token_space_flops(r, T, D)
+        if self.kernel == Kernel.fast:
+            return AttentionPath.token_space if AttentionPath.token_space in cost else AttentionPath.coordinates
+        return min(cost, key=cost.__getitem__)
 
-    def _token_space(self, coords: TokenCoords, pos: torch.Tensor | None) -> torch.Tensor:
-        """The layer through `token_space_attention`: the projections composed with the tokens' basis."""
+    def uses_token_space(self, coords: TokenCoords | None, T: int) -> bool:
+        """Whether `forward` evaluates this layer with the token-space kernel."""
+        return self.path(coords, T) == AttentionPath.token_space
+
+    def _coordinate_maps(self, coords: TokenCoords) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's projections composed with the tokens' basis: s (B, T, r) with a constant-1 coordinate where
+        biases or an offset need it, and A (3, H, dh, r), the query, key and value maps of those coordinates."""
         H, dh = self.n_heads, self.head_dim
         s, basis, offset = coords
         B, T, _ = s.shape
@@ -152,6 +183,37 @@ class MultiHeadAttention(nn.Module):
         if const is not None:  # a constant coordinate carries the biases
             A = torch.cat([A, const.unsqueeze(-1)], dim=-1)
             s = torch.cat([s, s.new_ones(B, T, 1)], dim=-1)
+        return s, A
+
+    def _coordinates(self, coords: TokenCoords, pos: torch.Tensor | None) -> torch.Tensor:
+        """The coordinate kernel: y_t = b_o + sum_h U_h sum_t' w_h[t, t'] s_t', with w_h the layer's weights
+        computed from scores m_t,h . s_t', m_t,h = M_h^T s_t, M_h = A_q,h^T A_k,h / sqrt(dh), U_h = W_o,h A_v,h."""
+        H, dh = self.n_heads, self.head_dim
+        s, A = self._coordinate_maps(coords)
+        B, T, r = s.shape
+        M = A[0].transpose(1, 2) @ A[1] / math.sqrt(dh)  # (H, r, r)
+        U = self.out.weight.view(-1, H, dh).transpose(0, 1) @ A[2]  # (H, D, r)
+        causal = self.causal[:T, :T]
+        factor = causal.to(s.dtype) if pos is None else pos  # (T, T) or (H, T, T), causal
+        m = torch.einsum("btr,hrc->bhtc", s, M).reshape(B, H * T, r)  # rows m_t,h^T, heads stacked over t
+        st = s.transpose(1, 2).contiguous()  # (B, r, T)
+        chunk = max(1, CHUNK_ELEMENTS // (H * T * T)) if s.device.type == "cpu" else B
+        parts = []
+        for i in range(0, B, chunk):
+            scores = (m[i : i + chunk] @ st[i : i + chunk]).view(-1, H, T, T)  # (b, H, T, T)
+            if self.kind == Attention.softmax:
+                weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) * factor
+            else:
+                weights = scores * factor
+            parts.append((weights.view(-1, H * T, T) @ s[i : i + chunk]).view(-1, H, T, r))  # (b, H, T, r)
+        y = torch.cat(parts).transpose(1, 2).reshape(B, T, H * r) @ U.transpose(1, 2).reshape(H * r, -1)  # (B, T, D)
+        return y if self.out.bias is None else y + self.out.bias
+
+    def _token_space(self, coords: TokenCoords, pos: torch.Tensor | None) -> torch.Tensor:
+        """The layer through `token_space_attention`: the projections composed with the tokens' basis."""
+        H, dh = self.n_heads, self.head_dim
+        s, A = self._coordinate_maps(coords)
+        T = s.shape[1]
         Wo = self.out.weight.view(-1, H, dh).transpose(0, 1)  # (H, D, dh)
         if pos is None:
             pos = self.causal[:T, :T].to(s.dtype)
@@ -161,18 +223,21 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, coords: TokenCoords | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `coords`, when given, must describe x (x = s basis^T + offset)."""
         B, T, _ = x.shape
-        if self.kind == Attention.softmax and self.positional in (Positional.none, Positional.additive):
+        path = self.path(coords, T)
+        if path == AttentionPath.fused:
             q, k, v = self._split_heads(x)  # each (B, H, T, dh)
-            return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))  # fused kernel
+            return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
         pos = self.positional_weights(T)  # batch-independent: computed once
-        if self.uses_token_space(coords, T):
+        if path == AttentionPath.token_space:
             return self._token_space(coords, pos)  # type: ignore[arg-type]
-        if self.kernel == Kernel.explicit:
-            attend, arg = self._attend, pos
-        else:
+        if path == AttentionPath.coordinates:
+            return self._coordinates(coords, pos)  # type: ignore[arg-type]
+        if path == AttentionPath.dense:
             factor = self.causal[:T, :T].to(x.dtype) if pos is None else pos
             attend, arg = self._attend_dense, factor / math.sqrt(self.head_dim) if self.kind == Attention.linear \
                 else factor
+        else:
+            attend, arg = self._attend, pos
         chunk = max(1, CHUNK_ELEMENTS // (self.n_heads * T * T))
         if x.device.type != "cpu" or B <= chunk:
             return attend(x, arg)
@@ -232,6 +297,7 @@ class Transformer(nn.Module):
         d_model = cfg.d_model or token_dim
         head_dim = cfg.head_dim or d_model
         self.token_dim, self.d_model, self.out_dim = token_dim, d_model, out_dim
+        self.zero_width = token_dim // 3 if augmented else 0  # e_t = (0, s_t, s_{t-1}): a first block of zeros
         self.embedding = cfg.embedding
         if cfg.embedding == Embedding.linear:
             self.embed = nn.Linear(token_dim, d_model, bias=cfg.bias)
@@ -268,13 +334,17 @@ class Transformer(nn.Module):
 
     def token_coords(self, e: torch.Tensor) -> TokenCoords | None:
         """The residual stream entering the first layer in the coordinates of the tokens (x = e basis^T + offset),
-        or None with additive positions (not a function of the token alone)."""
+        or None with additive positions (not a function of the token alone). Augmented tokens drop their zero
+        block (checked: tokens built otherwise keep every coordinate)."""
         if self.pos_emb is not None:
             return None
+        cols = slice(None)
+        if self.zero_width and not bool(e[..., : self.zero_width].any()):
+            cols = slice(self.zero_width, None)
         if self.embedding == Embedding.linear:
-            return TokenCoords(e, self.embed.weight, self.embed.bias)
-        eye = torch.eye(self.token_dim, dtype=e.dtype, device=e.device)
-        return TokenCoords(e, eye.repeat(self.d_model // self.token_dim, 1), None)  # repeat: stacked identities
+            return TokenCoords(e[..., cols], self.embed.weight[:, cols], self.embed.bias)
+        eye = torch.eye(self.token_dim, dtype=e.dtype, device=e.device)[:, cols]
+        return TokenCoords(e[..., cols], eye.repeat(self.d_model // self.token_dim, 1), None)  # stacked identities
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(e)  # (B, T, d_model)
