@@ -3,8 +3,9 @@
 For each configuration it measures, in one process and on one device:
   1. sequences/s through the real Lightning path: `icar.train.run(cfg)` itself (ICARModule, ARDataModule, the
      callbacks and the JSONL logger it builds), with a timing callback passed to it;
-  2. the share of a training step spent drawing its batch: `SequenceStream.batch(step)` alone, same batch size,
-     same device, divided by the Lightning step time;
+  2. the share of a training step spent waiting for its batch (the time spent in the stream's `next`; on CPU the
+     stream draws the next batch in a background thread during the step), and the cost of drawing one:
+     `SequenceStream.batch(step)` alone, same batch size, same device, divided by the Lightning step time;
   3. a plain torch loop over the same model, data, loss, optimiser and scheduler (ICARModule used without a
      Trainer: `predict_sequences`, `squared_error`, `configure_optimizers`), and Lightning's overhead as
      (Lightning time per step) / (plain-loop time per step);
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # torch.profiler's "USDT ... profiler_start" lines
 if str(REPO) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(REPO))
 
@@ -148,16 +150,44 @@ class Contender:
             self.cores.append((end[1] - start[1]) / (end[0] - start[0]))
 
 
+class DataWait:
+    """Seconds the training loop waits for each batch of every SequenceStream iterated while `watching`."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    @contextlib.contextmanager
+    def watching(self) -> Any:
+        original = SequenceStream.__iter__
+
+        def timed(stream: SequenceStream) -> Any:
+            batches = original(stream)
+            while True:
+                start = time.perf_counter()
+                batch = next(batches)
+                self.seconds.append(time.perf_counter() - start)
+                yield batch
+
+        SequenceStream.__iter__ = timed  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            SequenceStream.__iter__ = original  # type: ignore[method-assign]
+
+
 class Interleaved(pl.Callback):
     """Times the Lightning run's chunks between the `bounds` steps and runs each contender's chunk in the gaps:
     Lightning chunk 1, plain chunk 1, sampling chunk 1, authors' chunk 1, Lightning chunk 2, ... (CUDA is
     synchronised at the chunk boundaries only)."""
 
-    def __init__(self, bounds: list[int], contenders: list[Contender], device: torch.device) -> None:
-        self.bounds, self.contenders, self.device = bounds, contenders, device
+    def __init__(self, bounds: list[int], contenders: list[Contender], device: torch.device,
+                 wait: DataWait | None = None) -> None:
+        self.bounds, self.contenders, self.device, self.wait = bounds, contenders, device, wait
         self.done = 0
         self.secs: list[float] = []
         self.cores: list[float] = []
+        self.waits: list[float] = []  # per chunk: seconds per step spent waiting for the batch
+        self._waited = 0
         self._start = clock()
         self.last_loss = float("nan")
 
@@ -173,26 +203,32 @@ class Interleaved(pl.Callback):
             steps = self.done - self.bounds[i - 1]
             self.secs.append((end[0] - self._start[0]) / steps)
             self.cores.append((end[1] - self._start[1]) / (end[0] - self._start[0]))
+            if self.wait is not None:
+                self.waits.append(sum(self.wait.seconds[self._waited :]) / steps)
         if self.done == self.bounds[-1] and isinstance(outputs, dict) and "loss" in outputs:
             self.last_loss = float(outputs["loss"])
         for c in self.contenders:
             c.run(c.warmup if i == 0 else c.per_chunk, self.device, timed=i > 0)
+        if self.wait is not None:
+            self._waited = len(self.wait.seconds)  # Lightning fetches one batch ahead: waits of this chunk's steps
         self._start = clock()
 
 
 # -- the measurements -----------------------------------------------------------------------------------------------
 def bench_lightning(cfg: DictConfig, bounds: list[int], device: torch.device,
-                    contenders: list[Contender]) -> tuple[Timings, float, list[float]]:
+                    contenders: list[Contender]) -> tuple[Timings, float, list[float], list[float]]:
     """Seconds per step (and busy cores) of each chunk through `icar.train.run(cfg)` with the contenders' chunks
     run in between, the last timed step's loss, and the seconds of the two validation passes after the timed steps:
     the run's first (it also computes the baselines, once per run) and, one untimed step later, a later one. The
-    progress bar is on and draws as on a terminal, into nothing."""
-    timer, validation = Interleaved(bounds, contenders, device), ValidationTimer()
-    with contextlib.redirect_stdout(NullTerminal()):
+    progress bar is on and draws as on a terminal, into nothing. Also: per chunk, the seconds per step the loop
+    waited for its batch."""
+    wait = DataWait()
+    timer, validation = Interleaved(bounds, contenders, device, wait), ValidationTimer()
+    with contextlib.redirect_stdout(NullTerminal()), wait.watching():
         icar.train.run(cfg, callbacks=[timer, validation])
     if timer.done != bounds[-1] + 1:
         raise RuntimeError(f"Lightning ran {timer.done} training steps, expected {bounds[-1] + 1}")
-    return (timer.secs, timer.cores), timer.last_loss, validation.seconds
+    return (timer.secs, timer.cores), timer.last_loss, validation.seconds, timer.waits
 
 
 class PlainLoop:
@@ -206,13 +242,14 @@ class PlainLoop:
         self.module.to(device).train()
         opt_cfg = self.module.configure_optimizers()
         self.optimizer, self.scheduler = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
-        self.stream = SequenceStream(SequenceSampler(c.data), c.data.batch_size, c.seed, 0, 0, device)
+        # iterated as Lightning's DataLoader iterates it (on CPU: the next batch drawn in a background thread)
+        self.batches = iter(SequenceStream(SequenceSampler(c.data), c.data.batch_size, c.seed, 0, 0, device))
         self.last_only, self.clip = c.loss_on == LossOn.last, c.optim.grad_clip
         self.loss = torch.zeros(())
 
     def step(self, i: int) -> None:
         module = self.module
-        s, _ = self.stream.batch(i)
+        s, _ = next(self.batches)
         pred, target = module.predict_sequences(s)
         err = module.squared_error(pred, target)
         loss = err[:, -1].mean() if self.last_only else err[:, module.t0 :].mean()
@@ -428,7 +465,7 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, tmp:
         a_warmup, a_chunk = AUTHORS_STEPS.get(name.split(":")[0], (warmup, steps // chunks))
         contenders.append(Contender("authors", authors, a_warmup, a_chunk))
     t = time.perf_counter()
-    (light, light_cores), light_loss, val_passes = bench_lightning(cfg, bounds, device, contenders)
+    (light, light_cores), light_loss, val_passes, waits = bench_lightning(cfg, bounds, device, contenders)
     light_wall = time.perf_counter() - t
     gc.collect()
     timed = {c.name: c for c in contenders}
@@ -473,8 +510,9 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, tmp:
         "run_max_steps": run_steps,
         "validation_s_per_step": val_s,
         "lightning_overhead_ratio_with_validation": (light_s + val_s) / plain_s,
-        "sampling_share": sample_s / light_s,
-        "sampling_share_plain": sample_s / plain_s,
+        "data_wait_s_per_step": waits,
+        "sampling_share": median(waits) / light_s,
+        "sampling_cost_share": sample_s / light_s,
         "authors_s_per_step": authors_c.secs if authors_c else None,
         "authors_seq_per_s": batch / median(authors_c.secs) if authors_c else None,
         "speedup_vs_authors": median(authors_c.secs) / light_s if authors_c else None,
@@ -506,7 +544,9 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, tmp:
           f"one; every {val_interval} of {run_steps} steps: {val_s * 1e3:.2f} ms per step "
           f"({100 * val_s / light_s:.1f}%); overhead with it {(light_s + val_s) / plain_s:.2f}")
     print(f"   sampling   ms per batch:    {', '.join(f'{x * 1e3:.2f}' for x in sample)}   [busy cores "
-          f"{', '.join(f'{c:.2f}' for c in sample_cores)}]")
+          f"{', '.join(f'{c:.2f}' for c in sample_cores)}]   (SequenceStream.batch alone)")
+    print(f"   data wait  ms per step:     {', '.join(f'{x * 1e3:.2f}' for x in waits)}   = "
+          f"{100 * median(waits) / light_s:.1f}% of the Lightning step (the next batch is drawn during the step)")
     if authors_c:
         print(f"   authors'   seq/s per chunk: {fmt(authors_c.secs, authors_c.cores)}   "
               f"{median(authors_c.secs) * 1e3:.1f} ms/step median; {authors_flops / 1e9:.2f} GFLOP/step")
@@ -532,7 +572,7 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, tmp:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = ["config", "device", "batch", "seq/s Lightning", "seq/s plain", "seq/s authors", "speed-up vs authors",
-            "Lightning overhead", "with validation", "sampling share", "GFLOP/step", "GFLOP/s (plain)", "of GEMM rate", "MB/step unfused", "of copy rate"]
+            "Lightning overhead", "with validation", "data wait", "sampling cost", "GFLOP/step", "GFLOP/s (plain)", "of GEMM rate", "MB/step unfused", "of copy rate"]
     body = []
     for r in rows:
         authors = r["authors_seq_per_s"]
@@ -540,7 +580,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                      f"{r['plain_seq_per_s']:,.0f}", f"{authors:,.0f}" if authors else "n/a",
                      f"{r['speedup_vs_authors']:.1f}x" if authors else "n/a",
                      f"{r['lightning_overhead_ratio']:.2f}", f"{r['lightning_overhead_ratio_with_validation']:.2f}",
-                     f"{100 * r['sampling_share']:.1f}%",
+                     f"{100 * r['sampling_share']:.1f}%", f"{100 * r['sampling_cost_share']:.1f}%",
                      f"{r['flops_per_step'] / 1e9:.3f}", f"{r['achieved_flop_per_s_plain'] / 1e9:.1f}",
                      f"{100 * r['fraction_of_gemm_rate']:.0f}%", f"{r['bytes_per_step_unfused'] / 1e6:,.0f}",
                      f"{100 * r['fraction_of_copy_rate']:.0f}%"])
@@ -551,8 +591,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for b in body:
         print(" | ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(b, widths))))
     print("(medians over the timed chunks, all measured in this process; speed-up = the authors' time per step / "
-          "icar's through Lightning; overhead = Lightning time per step / plain-loop time per step; sampling share = "
-          "SequenceStream.batch time / Lightning step time; GFLOP counted by torch.utils.flop_counter; MB/step: bytes "
+          "icar's through Lightning; overhead = Lightning time per step / plain-loop time per step; data wait = "
+          "time the Lightning loop waited for its batch / its step time; sampling cost = SequenceStream.batch alone / "
+          "the Lightning step; GFLOP counted by torch.utils.flop_counter; MB/step: bytes "
           "read + written by the step's operators, none fused; of copy rate: those bytes per plain step / the copy rate)")
 
 

@@ -25,7 +25,7 @@ def test_bench_measures_ours_and_the_authors_side_by_side(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["rows"]
     assert len(row["lightning_s_per_step"]) == len(row["plain_s_per_step"]) == len(row["authors_s_per_step"]) == 2
     for key in ("lightning_overhead_ratio", "lightning_overhead_ratio_with_validation", "sampling_share",
-                "speedup_vs_authors", "fraction_of_gemm_rate", "fraction_of_copy_rate"):
+                "sampling_cost_share", "speedup_vs_authors", "fraction_of_gemm_rate", "fraction_of_copy_rate"):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert row["flops_per_step"] > 0 and row["authors_flops_per_step"] > 0 and row["bytes_per_step_unfused"] > 0
     assert row["final_loss_lightning"] == pytest.approx(row["final_loss_plain"], rel=1e-6)  # the same training

@@ -10,6 +10,7 @@ workers with CPU ones: the two streams differ (each is reproducible).
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import lightning.pytorch as pl
@@ -46,12 +47,23 @@ class SequenceStream(IterableDataset):
         return self.sampler.sample(self.batch_size, g)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches start_step, start_step + 1, ... (worker w of n: start_step + w, + n, ...). On CPU the next batch
+        is drawn in a background thread while the current one trains: torch releases the GIL in its operators, so
+        the sampler's small operators overlap the step's large ones instead of adding to them."""
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         step = self.start_step + worker
-        while True:
-            yield self.batch(step)
-            step += n_workers
+        if self.device.type != "cpu":  # CUDA: the kernels queue on the training stream anyway
+            while True:
+                yield self.batch(step)
+                step += n_workers
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="icar-sampler") as pool:
+            pending = pool.submit(self.batch, step)
+            while True:
+                batch = pending.result()
+                step += n_workers
+                pending = pool.submit(self.batch, step)
+                yield batch
 
 
 class ARDataModule(pl.LightningDataModule):
