@@ -29,6 +29,7 @@ from icar.analysis.callback import AnalysisCallback
 from icar.baselines import InContextBaselines
 from icar.checkpoint_io import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from icar.config import (
+    ConfigError,
     LossOn,
     Optimizer,
     Schedule,
@@ -39,12 +40,15 @@ from icar.config import (
     to_plain_dict,
     validate,
 )
+from icar.console import quiet_lightning
 from icar.data.datamodule import ARDataModule
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens, realify
 from icar.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
-from icar.guards import SIGTERM_EXIT, Diverged, DivergenceGuard, finite_or_none, is_being_requeued
+from icar.failures import Interrupted, clear_failure, failure_line, record_failure
+from icar.guards import Diverged, DivergenceGuard, finite_or_none, is_being_requeued
 from icar.logging import build_loggers, log_curves, sweep_context
+from icar.memory import check_memory
 from icar.models import build_model
 from icar.resume import check_resume, record_resume, truncate_metrics
 
@@ -273,16 +277,34 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
     `callbacks` are added to the run's own (checkpoints, progress bar): e.g. a pruning callback of a search.
 
     The run folder (`run_dir`, default: the current directory) receives config.yaml, metrics.jsonl,
-    checkpoints/{last,best}.ckpt (and interrupted.ckpt if the run is stopped), summary.json and the W&B run.
+    checkpoints/{last,best}.ckpt (and interrupted.ckpt if the run is stopped), summary.json and the W&B run; a run
+    that ends early also failure.txt, the one line of why (a resume that finishes removes it).
     """
     cfg = to_dataclass(cfg)
+    run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
+    quiet_lightning()
+    try:
+        metrics = _train(cfg, run_dir, callbacks)
+    except BaseException as err:
+        line = failure_line(err)
+        # a resume refused before it trained leaves the original run's folder as it was
+        refused_resume = cfg.ckpt_path is not None and isinstance(err, (ConfigError, CheckpointError))
+        if line is not None and rank_zero_only.rank == 0 and not refused_resume:
+            record_failure(run_dir, line)
+        raise
+    if rank_zero_only.rank == 0:
+        clear_failure(run_dir)
+    return metrics
+
+
+def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) -> dict[str, float]:
     validate(cfg)
+    check_memory(cfg)
     sweep = sweep_context()
     if sweep is not None:  # a sweep's runs share one W&B group, tagged with their swept values
         group, swept = sweep
         cfg.logger.group = cfg.logger.group or group
         cfg.logger.tags = [*cfg.logger.tags, *(f"{k}={v}"[:64] for k, v in swept.items())]
-    run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
     config = to_plain_dict(cfg)
     resumed = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     diff = check_resume(dict(resumed["hyper_parameters"]), config, cfg.resume_override) if resumed else {}
@@ -353,10 +375,11 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         except SIGTERMException:  # Lightning's SystemExit without a code: exit 0 would tell a scheduler "done"
             if is_being_requeued(run_dir):
                 raise
+            line = f"stopped by SIGTERM at step {trainer.global_step}; resume with" \
+                   f" ckpt_path={ckpt_dir / 'interrupted.ckpt'}"
             if trainer.is_global_zero:
-                print(f"stopped by SIGTERM at step {trainer.global_step}; resume with"
-                      f" ckpt_path={ckpt_dir / 'interrupted.ckpt'}", file=sys.stderr, flush=True)
-            raise SystemExit(SIGTERM_EXIT) from None
+                print(line, file=sys.stderr, flush=True)
+            raise Interrupted(line) from None
         except Diverged as err:
             if trainer.is_global_zero:
                 write_summary(run_dir, {"diverged": True, "diverged_step": err.step,
