@@ -44,6 +44,7 @@ from icar.console import quiet_lightning
 from icar.data.datamodule import ARDataModule
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens, realify
+from icar.ddp import RankWatchdog, collective_failure, ddp_strategy, is_collective_failure, kill_child_ranks
 from icar.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
 from icar.failures import Interrupted, clear_failure, failure_line, record_failure
 from icar.guards import Diverged, DivergenceGuard, finite_or_none, is_being_requeued
@@ -209,6 +210,11 @@ class CheckpointOnInterrupt(Callback):
             return  # nothing trained yet, non-finite weights, or the disk just refused a checkpoint
         self._saving = True
         try:
+            if is_collective_failure(exception):  # another rank is gone: rank 0 saves alone, without a barrier
+                if trainer.is_global_zero:
+                    checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+                    trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
+                return
             trainer.save_checkpoint(self.path)
         except CheckpointError as err:  # keep the original exception: it says why the run stopped
             log.error(f"{err} (after: {type(exception).__name__}: {exception})")
@@ -343,8 +349,10 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
         callbacks.append(StepProgressBar(cfg.trainer.max_steps))
     if len(loggers) > 1:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks.append(RankWatchdog(run_dir))  # several ranks: SIGTERM ends them even when one is frozen
     t = cfg.trainer
     devices, strategy, claimed = sweep_job_devices(t)
+    strategy = ddp_strategy(strategy, t.devices * t.num_nodes, t.ddp_timeout_s)  # collectives wait ddp_timeout_s
     with claimed:  # the GPUs this job holds in a parallel sweep, released however the run ends
         trainer = pl.Trainer(
             accelerator=t.accelerator,
@@ -385,6 +393,13 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
                 write_summary(run_dir, {"diverged": True, "diverged_step": err.step,
                                         "diverged_value": str(err.value), "global_step": trainer.global_step})
             raise
+        except Exception as err:
+            if not (trainer.world_size > 1 and is_collective_failure(err)):
+                raise
+            kill_child_ranks(trainer)  # frozen or stuck with this rank: they would outlive it
+            interrupted = ckpt_dir / "interrupted.ckpt"
+            raise collective_failure(err, trainer, t.ddp_timeout_s,
+                                     interrupted if interrupted.exists() else ckpt_dir / "last.ckpt") from None
         finally:
             if wandb_loggers and rank_zero_only.rank == 0:
                 import wandb
