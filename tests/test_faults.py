@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,6 +142,35 @@ def test_resumed_metrics_hold_one_record_per_step(make_cfg, tmp_path):
 
     assert [s for s, _ in losses("cut")] == list(range(10))
     assert losses("cut") == losses("full")
+
+
+def wandb_run_records(folder: Path) -> list[dict]:
+    """The run record (id, resume flag, start time) of each offline W&B segment in folder/wandb, read back with
+    `wandb leet inspect --json` (wandb 0.31 has no Python reader of .wandb files)."""
+    wandb_cli = str(Path(sys.executable).parent / "wandb")
+    records = []
+    for log in sorted((folder / "wandb").glob("offline-run-*/run-*.wandb")):
+        out = subprocess.run([wandb_cli, "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        records += [json.loads(line)["run"] for line in out.splitlines() if '"type":"run"' in line]
+    return records
+
+
+def test_a_resumed_run_is_one_wandb_run(make_cfg, tmp_path):
+    """Offline, wandb 0.31 writes one folder per process (wandb/offline-run-<start time>-<id>; resume is honoured at
+    sync time, not locally). Each segment of a crashed-and-resumed run carries the run's one id and resume=true, so
+    `wandb sync RUN/wandb/offline-run-*` uploads them, in start-time order, as one run: no second run id."""
+    common = [*FAST, "logger=wandb", "trainer.max_steps=10", "trainer.val_check_interval=5", "eval.analysis=false"]
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(make_cfg(*common), callbacks=[StopAt(7)])
+    run(make_cfg(*common, f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"))
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
+    segments = wandb_run_records(tmp_path / "run")
+    assert len(segments) == 2 and {r["run_id"] for r in segments} == {run_id}
+    assert all(r.get("resume") for r in segments)
+    # one folder per segment, named by its start time (wandb adds -1, -2 to segments started in the same second)
+    names = [p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*")]
+    assert len(names) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in names)
 
 
 # 6. exit codes -----------------------------------------------------------------------------------------------------
