@@ -52,6 +52,7 @@ from icar.logging import build_loggers, log_curves, sweep_context
 from icar.memory import check_memory
 from icar.models import build_model
 from icar.resume import check_resume, record_resume, truncate_metrics
+from icar.wandb_resume import complete_offline_history
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,7 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
         if resumed is not None:
             record_resume(run_dir, cfg.ckpt_path, resumed["global_step"], diff, cfg.resume_override)
             truncate_metrics(run_dir, resumed["global_step"])  # the resumed steps log them again: theirs win
+    resumed_step = None if resumed is None else int(resumed["global_step"])
     del resumed
     if available_devices(cfg.trainer.accelerator)[0] == "cpu":
         keep_freed_memory()
@@ -378,6 +380,8 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
         if rank_zero_only.rank == 0:
             for lg in wandb_loggers:
                 lg.experiment  # create the run in this process, before any fork (ddp_fork, multirun jobs)
+                if resumed_step is not None and lg.experiment.settings.mode == "offline":
+                    complete_offline_history(lg.experiment, run_dir, resumed_step)  # what a killed segment lost
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         except SIGTERMException:  # Lightning's SystemExit without a code: exit 0 would tell a scheduler "done"

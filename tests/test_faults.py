@@ -19,6 +19,7 @@ import torch
 from icar.checkpoint_io import AtomicCheckpointIO, CheckpointError
 from icar.config import ConfigError, run_dir_for, to_dataclass, validate
 from icar.logging import read_metrics
+from icar.wandb_resume import wandb_history
 from icar.train import run
 from tests.conftest import FAST, REPO
 from tests.test_train import StopAt
@@ -156,21 +157,32 @@ def wandb_run_records(folder: Path) -> list[dict]:
     return records
 
 
-def test_a_resumed_run_is_one_wandb_run(make_cfg, tmp_path):
-    """Offline, wandb 0.31 writes one folder per process (wandb/offline-run-<start time>-<id>; resume is honoured at
-    sync time, not locally). Each segment of a crashed-and-resumed run carries the run's one id and resume=true, so
-    `wandb sync RUN/wandb/offline-run-*` uploads them, in start-time order, as one run: no second run id."""
-    common = [*FAST, "logger=wandb", "trainer.max_steps=10", "trainer.val_check_interval=5", "eval.analysis=false"]
-    with pytest.raises(RuntimeError, match="simulated"):
-        run(make_cfg(*common), callbacks=[StopAt(7)])
-    run(make_cfg(*common, f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"))
-    run_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
-    segments = wandb_run_records(tmp_path / "run")
-    assert len(segments) == 2 and {r["run_id"] for r in segments} == {run_id}
-    assert all(r.get("resume") for r in segments)
-    # one folder per segment, named by its start time (wandb adds -1, -2 to segments started in the same second)
-    names = [p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*")]
+def test_a_killed_and_resumed_run_is_one_complete_wandb_run(make_cfg, tmp_path):
+    """Offline, wandb 0.31 writes one folder per process (wandb/offline-run-<start time>-<id>, -1, -2 for segments
+    started in the same second) and honours resume when syncing: every segment carries the run's one id and
+    resume=true, so `wandb sync RUN/wandb/offline-run-*` uploads them, in start-time order, as one run. A SIGKILLed
+    segment loses its unflushed tail (often all of it); the resume logs those steps again from metrics.jsonl, so the
+    segments together hold every recorded step."""
+    common = [*CLI_FAST, "logger=wandb", "trainer.val_check_interval=10"]
+    proc = train_cli(tmp_path, *common, "trainer.max_steps=100000", "hydra.run.dir=run")
+    folder = tmp_path / "run"
+    deadline = time.monotonic() + 90
+    while not ((folder / "checkpoints/last.ckpt").exists() and len((folder / "metrics.jsonl").read_text().splitlines()) >= 18):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.kill()
+    proc.communicate()
+    run(make_cfg(*common, "trainer.max_steps=30", f"ckpt_path={folder / 'checkpoints/last.ckpt'}"))
+
+    run_id = (folder / "wandb_id.txt").read_text().strip()
+    names = [p.name for p in (folder / "wandb").glob("offline-run-*")]
     assert len(names) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in names)
+    segments = wandb_run_records(folder)  # a segment killed this early kept only its header: no run record
+    assert segments and {r["run_id"] for r in segments} == {run_id} and all(r["resume"] for r in segments)
+    recorded = sorted(r["step"] for r in read_metrics(folder) if "train/loss" in r)
+    assert recorded == list(range(30))  # the record: each step once
+    in_wandb = {step for step, keys in wandb_history(folder).items() if "train/loss" in keys}
+    assert in_wandb >= set(recorded)  # the mirror: nothing lost
 
 
 # 6. exit codes -----------------------------------------------------------------------------------------------------

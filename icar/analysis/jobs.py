@@ -48,14 +48,17 @@ def run_state(folder: Path) -> tuple[str, str]:
         return "failed", (folder / FAILURE_FILE).read_text().strip()
     if (folder / "summary.json").is_file():
         return "finished", ""
-    steps = [s for s in (checkpoint_step(p) for p in (folder / "checkpoints").glob("*.ckpt")) if s is not None]
+    # the latest checkpoint; of equal steps the one to resume from: interrupted, then last, then the others
+    order = {"interrupted.ckpt": 0, "last.ckpt": 1}
+    found = [(step, -order.get(p.name, 2), p) for p in (folder / "checkpoints").glob("*.ckpt")
+             if (step := checkpoint_step(p)) is not None]
+    if not found:
+        return "unfinished", "no checkpoint yet (stopped before its first validation, or still running)"
+    step, _, latest = max(found)
     planned = ""
     if (folder / "config.yaml").is_file():
         planned = f" of {OmegaConf.load(folder / 'config.yaml').trainer.max_steps}"
-    if not steps:
-        return "unfinished", "no checkpoint yet (stopped before its first validation, or still running)"
-    latest = max((p for p in (folder / "checkpoints").glob("*.ckpt")), key=lambda p: checkpoint_step(p) or -1)
-    return "unfinished", f"last checkpoint at step {max(steps)}{planned} (resume with ckpt_path={latest})"
+    return "unfinished", f"last checkpoint at step {step}{planned} (resume with ckpt_path={latest})"
 
 
 def planned_jobs(sweep_dir: Path) -> int | None:
