@@ -30,7 +30,7 @@ class Launch:
 
     def __init__(self, repo: Path, cwd: Path, args: list[str], env: dict[str, str] | None = None) -> None:
         env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(repo), **(env or {})}
-        env = {k: v for k, v in env.items() if v and k != "ICAR_LAUNCH_ID"}  # "": unset
+        env = {k: v for k, v in env.items() if v and k not in ("ICAR_LAUNCH_ID", "WANDB_SERVICE")}  # "": unset
         self.cwd, self.start = cwd, time.monotonic()
         self.proc = subprocess.Popen([sys.executable, str(repo / "scripts/train.py"), *args], cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -35,7 +35,9 @@ def strict_json(text: str):
 
 def train_cli(cwd: Path, *overrides: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """`python scripts/train.py overrides` started in `cwd` (its runs/ and multirun/ go there)."""
-    env = {**{k: v for k, v in os.environ.items() if k != "ICAR_LAUNCH_ID"}, **(env or {})}  # a launch of its own
+    # a launch of its own, as from a shell: its own launch id and its own W&B service (a child inherits the parent's
+    # WANDB_SERVICE and shares it; a SIGKILLed child would then leave its run id in use in this process's service)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("ICAR_LAUNCH_ID", "WANDB_SERVICE")}, **(env or {})}
     return subprocess.Popen([sys.executable, TRAIN, *overrides], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
