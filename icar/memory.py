@@ -141,18 +141,23 @@ def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
     return est
 
 
-def available_memory(accelerator: str) -> tuple[float, str] | None:
-    """(bytes free, what was measured) on the device a run trains on; None where it cannot be told."""
-    kind, _ = available_devices(accelerator)
-    if kind == "gpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        return float(min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))), "GPU memory free"
+def available_memory(cfg: TrainConfig) -> tuple[float, str] | None:
+    """(bytes free, what was measured) on the device this process trains on; None where it cannot be told."""
+    kind, _ = available_devices(cfg.trainer.accelerator)
     if kind == "cpu":
         return host_memory()
-    return None  # mps: unified memory, no reliable figure
+    if kind != "gpu":
+        return None  # mps: unified memory, no reliable figure
+    import torch
+
+    from icar.devices import parallel_sweep_lock_dir
+
+    if not torch.cuda.is_available():
+        return None
+    if cfg.trainer.strategy in ("ddp_fork", "ddp_notebook") or parallel_sweep_lock_dir() is not None:
+        return None  # CUDA must stay uninitialised before a fork; a parallel sweep's job claims its GPU later
+    index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()  # the GPU this rank will use anyway
+    return float(torch.cuda.mem_get_info(index)[0]), f"the free memory of GPU {index}"
 
 
 def host_memory() -> tuple[float, str] | None:
@@ -185,8 +190,10 @@ def check_memory(cfg: TrainConfig) -> MemoryEstimate:
     est = estimate_memory(cfg)
     if os.environ.get("ICAR_SKIP_MEMORY_CHECK"):
         return est
-    device = available_memory(cfg.trainer.accelerator)
     on_gpu = available_devices(cfg.trainer.accelerator)[0] == "gpu"
+    if not on_gpu and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        return est  # rank 0 checked for every rank of this machine; by now it holds memory of its own
+    device = available_memory(cfg)
     ranks_here = 1 if on_gpu else cfg.trainer.devices
     if on_gpu:
         checks = [(est.total(est.persistent) + max(est.total(est.train), est.total(est.validation)), device,

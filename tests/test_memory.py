@@ -90,3 +90,24 @@ def test_huge_context_is_refused_in_one_line_within_seconds(tmp_path):
     (line,) = err.strip().splitlines()
     assert line.startswith("config error: this run needs about ") and "data.T=100000" in line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))  # no run folder left
+
+
+def test_gpu_runs_are_checked_against_their_own_gpu(monkeypatch):
+    """(No GPU here: torch.cuda is stubbed.) Each rank asks only the GPU it trains on; a fork-based strategy is not
+    checked, since CUDA must stay uninitialised before the fork."""
+    import torch
+
+    import icar.memory as memory
+
+    asked = []
+    monkeypatch.setattr(memory, "available_devices", lambda accelerator: ("gpu", 2))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (2e9, 8e10))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    big = config("data.T=2000", "model.n_heads=4", "trainer.accelerator=gpu")
+    with pytest.raises(ConfigError, match="but the free memory of GPU 1 is 2 GB"):
+        check_memory(big)
+    assert asked == [1]
+    check_memory(config("data.T=2000", "model.n_heads=4", "trainer.accelerator=gpu", "trainer.strategy=ddp_fork"))
+    assert asked == [1]
