@@ -67,9 +67,9 @@ class Launch:
         return [line for line in self.err.strip().splitlines()
                 if line.strip() and not line.startswith(NOISE[1]) and NOISE[0] not in line]
 
-    def last_line(self) -> str:
+    def last_line(self, width: int = 150) -> str:
         lines = self.error_lines()
-        return lines[-1][:110] if lines else ""
+        return lines[-1].replace(f"{self.cwd}/", "")[:width] if lines else ""
 
 
 def alive(pid: int | None) -> bool:
@@ -110,7 +110,10 @@ def cases(repo: Path, tmp: Path) -> list[tuple[str, str, Callable[[Path], str]]]
     def wandb_unreachable(cwd: Path) -> str:
         job = run(cwd, "logger=wandb", "trainer.max_steps=5",
                   env={"WANDB_MODE": "", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})
-        return job.finish() + f" / summary: {(cwd / 'run/summary.json').is_file()}"
+        result = job.finish().split(":")[0]
+        warnings = [line for line in (job.out + job.err).splitlines() if "unreachable" in line]
+        return f"{result} / {len(warnings)} warning: {warnings[0].split(' - ')[-1][:90] if warnings else ''}" \
+               f" / summary: {(cwd / 'run/summary.json').is_file()}"
 
     def diverged(cwd: Path) -> str:
         return run(cwd, "optim.lr=1e6").finish() + f" / summary: {strict(cwd / 'run/summary.json')}"
