@@ -31,3 +31,5 @@ def quiet_lightning() -> None:
     # Lightning 2.6's own pytree helper calls a torch API that torch 2.13 deprecates, once per fit; nothing in this
     # project can change that call (fixed in Lightning's source, not yet released).
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    # Lightning warns from two places of its SLURM detection, every fit, where `srun` is on PATH: the hint once
+    warnings.filterwarnings("once", message=r"The `srun` command is available on your system but is not used")
