@@ -26,10 +26,11 @@ def quiet_lightning() -> None:
         for handler in list(lightning_logger.handlers):
             lightning_logger.removeHandler(handler)
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropAdverts) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropAdverts())
-    # Lightning 2.6's own pytree helper calls a torch API that torch 2.13 deprecates, once per fit; nothing in this
-    # project can change that call (fixed in Lightning's source, not yet released).
+    if any(isinstance(f, _DropAdverts) for f in rank_zero.filters):
+        return  # the filters below are in place already
+    rank_zero.addFilter(_DropAdverts())
+    # Lightning 2.6's own pytree helper (lightning/pytorch/utilities/_pytree.py) calls a torch API that torch 2.13
+    # deprecates, once per fit: the call is inside Lightning, nothing here can change it.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     # Lightning warns from two places of its SLURM detection, every fit, where `srun` is on PATH: the hint once
     warnings.filterwarnings("once", message=r"The `srun` command is available on your system but is not used")

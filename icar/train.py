@@ -340,9 +340,9 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
             if not (trainer.world_size > 1 and is_collective_failure(err)):
                 raise
             kill_child_ranks(trainer)  # frozen or stuck with this rank: they would outlive it
-            interrupted = ckpt_dir / "interrupted.ckpt"
+            saved = trainer.is_global_zero and (ckpt_dir / "interrupted.ckpt").exists()  # by CheckpointOnInterrupt
             raise collective_failure(err, trainer, t.ddp_timeout_s,
-                                     interrupted if interrupted.exists() else ckpt_dir / "last.ckpt") from None
+                                     ckpt_dir / ("interrupted.ckpt" if saved else "last.ckpt")) from None
         finally:
             if wandb_loggers and rank_zero_only.rank == 0:
                 import wandb

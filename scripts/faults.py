@@ -58,7 +58,10 @@ class Launch:
         try:
             self.out, self.err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            child = self.child()  # a rank that outlives its parent keeps the output pipes open
             self.proc.kill()
+            if child is not None:
+                os.kill(child, signal.SIGKILL)
             self.out, self.err = self.proc.communicate()
             return f"timeout after {time.monotonic() - self.start:.0f}s"
         return f"rc={self.proc.returncode} {time.monotonic() - self.start:.0f}s: {self.last_line()}"
@@ -162,7 +165,10 @@ def cases(repo: Path, tmp: Path) -> list[tuple[str, str, Callable[[Path], str]]]
         if term:
             job.proc.send_signal(signal.SIGTERM)
         result = job.finish(timeout=120)
-        return f"{result} / ended {time.monotonic() - frozen:.0f}s after; rank 1 alive: {alive(rank1)}"
+        left = alive(rank1)
+        if left:  # a checkout that leaves it: clean up (a stopped process ignores everything but SIGKILL)
+            os.kill(rank1, signal.SIGKILL)
+        return f"{result} / ended {time.monotonic() - frozen:.0f}s after; rank 1 alive: {left}"
 
     def ddp_killed_rank(cwd: Path) -> str:
         job = run(cwd, *DDP)
@@ -170,7 +176,8 @@ def cases(repo: Path, tmp: Path) -> list[tuple[str, str, Callable[[Path], str]]]
         rank1 = job.child()
         if rank1 is not None:
             os.kill(rank1, signal.SIGKILL)
-        return job.finish(timeout=120) + f" / {len(job.error_lines())} stderr lines"
+        result = job.finish(timeout=120)
+        return f"{result} / {len(job.error_lines())} stderr lines (warnings and Hydra's log lines aside)"
 
     def huge_T(cwd: Path) -> str:
         return run(cwd, "data.T=100000").finish(timeout=120) + f" / folders left: {len(list(cwd.rglob('*')))}"
