@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from icar.guards import RunFailure
+from icar.failures import RunFailure
 
 
 class CheckpointError(RunFailure):

@@ -168,6 +168,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
+    ddp_timeout_s: int = 600  # longest wait of a collective for another rank (a frozen rank ends the run after it)
 
 
 @dataclass
@@ -310,6 +311,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(tr.devices >= 1, f"trainer.devices must be >= 1, got {tr.devices}")
     _require(tr.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {tr.num_nodes}")
     _require(tr.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {tr.log_every_n_steps}")
+    _require(tr.ddp_timeout_s >= 1, f"trainer.ddp_timeout_s must be >= 1 (seconds), got {tr.ddp_timeout_s}")
     _require(
         tr.accelerator in ACCELERATORS,
         f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {tr.accelerator!r}",

@@ -1,11 +1,10 @@
 """What ends a run early, and how it ends: divergence (a non-finite loss), SIGTERM (exit 128 + 15 unless the run is
-being requeued), and the one-line failures `scripts/train.py` prints instead of a traceback."""
+being requeued). The one-line failures and the record of a failed run are in icar/failures.py (no Lightning import)."""
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +13,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's convention for "killed by SIGTERM"
+from icar.failures import SIGTERM_EXIT, RunFailure
+
+__all__ = ["SIGTERM_EXIT", "RunFailure", "Diverged", "DivergenceGuard", "is_being_requeued", "finite_or_none"]
 _STARTED = time.time()
-
-
-class RunFailure(RuntimeError):
-    """A run that cannot go on, with a message of one line naming what went wrong and the fix."""
 
 
 class Diverged(RunFailure):

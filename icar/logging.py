@@ -176,20 +176,22 @@ def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config:
         if rank_zero_only.rank == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
-        loggers.append(
-            WandbLogger(
-                project=cfg.project,
-                entity=cfg.entity,
-                group=cfg.group,
-                tags=list(cfg.tags),
-                name=run_name,
-                id=run_id,
-                resume="allow",
-                save_dir=str(run_dir),
-                config=config,
-                settings=wandb.Settings(mode=mode, init_timeout=60, silent=True),
-            )
+        wandb_logger = WandbLogger(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            save_dir=str(run_dir),
+            config=config,
+            settings=wandb.Settings(mode=mode, init_timeout=60, silent=True),
         )
+        # Lightning 2.6 always passes anonymous=None to wandb.init, and wandb 0.31 warns that the setting "has no
+        # effect" whenever it is passed at all (wandb_settings.validate_anonymous); leaving it out means the same.
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
 
 

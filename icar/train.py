@@ -14,13 +14,12 @@ import logging
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -28,8 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from icar.analysis.callback import AnalysisCallback
 from icar.baselines import InContextBaselines
+from icar.callbacks import CheckpointOnInterrupt, StepProgressBar, ValidateAtEnd
 from icar.checkpoint_io import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from icar.config import (
+    ConfigError,
     LossOn,
     Optimizer,
     Schedule,
@@ -40,14 +41,19 @@ from icar.config import (
     to_plain_dict,
     validate,
 )
+from icar.console import quiet_lightning
 from icar.data.datamodule import ARDataModule
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens, realify
+from icar.ddp import RankWatchdog, collective_failure, ddp_strategy, is_collective_failure, kill_child_ranks
 from icar.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
-from icar.guards import SIGTERM_EXIT, Diverged, DivergenceGuard, finite_or_none, is_being_requeued
+from icar.failures import Interrupted, clear_failure, failure_line, record_failure
+from icar.guards import Diverged, DivergenceGuard, finite_or_none, is_being_requeued
 from icar.logging import build_loggers, log_curves, sweep_context
+from icar.memory import check_memory
 from icar.models import build_model
 from icar.resume import check_resume, record_resume, truncate_metrics
+from icar.wandb_resume import complete_offline_history
 
 log = logging.getLogger(__name__)
 
@@ -188,77 +194,6 @@ class ICARModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class StepProgressBar(TQDMProgressBar):
-    """The streamed training set has no length: show progress against max_steps instead.
-
-    A terminal redraws at most every `min_interval` seconds (a redraw every step of a 20 ms step cost 2-3% of it);
-    a log file (CI, cluster jobs) gets about 50 updates per run."""
-
-    min_interval = 0.25
-
-    def __init__(self, max_steps: int) -> None:
-        self.tty = sys.stdout.isatty()
-        super().__init__(refresh_rate=1 if self.tty else max(1, max_steps // 50))
-        self._drawn_at = -math.inf
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        now = time.monotonic()
-        if self.tty and now - self._drawn_at < self.min_interval and trainer.global_step < trainer.max_steps:
-            return
-        self._drawn_at = now
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    @property
-    def total_train_batches(self) -> int | float:
-        return self.trainer.max_steps * self.trainer.accumulate_grad_batches
-
-
-class CheckpointOnInterrupt(Callback):
-    """Save the state when training stops on an exception (Ctrl-C included), so that nothing is lost.
-
-    The checkpoint is written as if taken at the end of the last completed step, the form Lightning resumes
-    exactly; taken mid-batch as is, a resumed run's validation schedule and logging steps shift by one.
-    (Lightning's OnExceptionCheckpoint has that shift, and its presence makes `fit(ckpt_path=None)` silently
-    resume from any "last" checkpoint; here resuming stays explicit, `ckpt_path=...`.)
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._saving = False
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.global_step == 0 or isinstance(exception, (Diverged, CheckpointError)):
-            return  # nothing trained yet, non-finite weights, or the disk just refused a checkpoint
-        self._saving = True
-        try:
-            trainer.save_checkpoint(self.path)
-        except CheckpointError as err:  # keep the original exception: it says why the run stopped
-            log.error(f"{err} (after: {type(exception).__name__}: {exception})")
-        finally:
-            self._saving = False
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if not self._saving:
-            return
-        step = trainer.global_step  # optimiser steps done (no gradient accumulation here); one epoch only
-        loop = checkpoint["loops"]["fit_loop"]
-        for tracker in ("total", "current"):
-            loop["epoch_loop.batch_progress"][tracker].update(
-                ready=step, started=step, processed=step, completed=step - 1
-            )
-        loop["epoch_loop.state_dict"]["_batches_that_stepped"] = step - 1
-
-
-class ValidateAtEnd(Callback):
-    """Validate (hence checkpoint) after the last step even when max_steps is not a multiple of
-    val_check_interval, so that last.ckpt and the returned metrics describe the final model."""
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step >= trainer.max_steps:
-            trainer.should_stop = True  # Lightning validates when asked to stop
-
-
 def keep_freed_memory() -> None:
     """glibc: keep freed blocks below 32 MB in the heap instead of returning them to the OS. CPU training allocates
     the same activations every step, and re-mapping them page-faults (the Figure 7 config: 1.2-1.6x slower)."""
@@ -300,16 +235,34 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
     `callbacks` are added to the run's own (checkpoints, progress bar): e.g. a pruning callback of a search.
 
     The run folder (`run_dir`, default: the current directory) receives config.yaml, metrics.jsonl,
-    checkpoints/{last,best}.ckpt (and interrupted.ckpt if the run is stopped), summary.json and the W&B run.
+    checkpoints/{last,best}.ckpt (and interrupted.ckpt if the run is stopped), summary.json and the W&B run; a run
+    that ends early also failure.txt, the one line of why (a resume that finishes removes it).
     """
     cfg = to_dataclass(cfg)
+    run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
+    quiet_lightning()
+    try:
+        metrics = _train(cfg, run_dir, callbacks)
+    except BaseException as err:
+        line = failure_line(err)
+        # a resume refused before it trained leaves the original run's folder as it was
+        refused_resume = cfg.ckpt_path is not None and isinstance(err, (ConfigError, CheckpointError))
+        if line is not None and rank_zero_only.rank == 0 and not refused_resume:
+            record_failure(run_dir, line)
+        raise
+    if rank_zero_only.rank == 0:
+        clear_failure(run_dir)
+    return metrics
+
+
+def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) -> dict[str, float]:
     validate(cfg)
+    check_memory(cfg)
     sweep = sweep_context()
     if sweep is not None:  # a sweep's runs share one W&B group, tagged with their swept values
         group, swept = sweep
         cfg.logger.group = cfg.logger.group or group
         cfg.logger.tags = [*cfg.logger.tags, *(f"{k}={v}"[:64] for k, v in swept.items())]
-    run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
     config = to_plain_dict(cfg)
     resumed = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     diff = check_resume(dict(resumed["hyper_parameters"]), config, cfg.resume_override) if resumed else {}
@@ -320,6 +273,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         if resumed is not None:
             record_resume(run_dir, cfg.ckpt_path, resumed["global_step"], diff, cfg.resume_override)
             truncate_metrics(run_dir, resumed["global_step"])  # the resumed steps log them again: theirs win
+    resumed_step = None if resumed is None else int(resumed["global_step"])
     del resumed
     if available_devices(cfg.trainer.accelerator)[0] == "cpu":
         keep_freed_memory()
@@ -348,8 +302,10 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         callbacks.append(StepProgressBar(cfg.trainer.max_steps))
     if len(loggers) > 1:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks.append(RankWatchdog(run_dir))  # several ranks: SIGTERM ends them even when one is frozen
     t = cfg.trainer
     devices, strategy, claimed = sweep_job_devices(t)
+    strategy = ddp_strategy(strategy, t.devices * t.num_nodes, t.ddp_timeout_s)  # collectives wait ddp_timeout_s
     with claimed:  # the GPUs this job holds in a parallel sweep, released however the run ends
         trainer = pl.Trainer(
             accelerator=t.accelerator,
@@ -375,20 +331,30 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         if rank_zero_only.rank == 0:
             for lg in wandb_loggers:
                 lg.experiment  # create the run in this process, before any fork (ddp_fork, multirun jobs)
+                if resumed_step is not None and lg.experiment.settings.mode == "offline":
+                    complete_offline_history(lg.experiment, run_dir, resumed_step)  # what a killed segment lost
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         except SIGTERMException:  # Lightning's SystemExit without a code: exit 0 would tell a scheduler "done"
             if is_being_requeued(run_dir):
                 raise
+            line = f"stopped by SIGTERM at step {trainer.global_step}; resume with" \
+                   f" ckpt_path={ckpt_dir / 'interrupted.ckpt'}"
             if trainer.is_global_zero:
-                print(f"stopped by SIGTERM at step {trainer.global_step}; resume with"
-                      f" ckpt_path={ckpt_dir / 'interrupted.ckpt'}", file=sys.stderr, flush=True)
-            raise SystemExit(SIGTERM_EXIT) from None
+                print(line, file=sys.stderr, flush=True)
+            raise Interrupted(line) from None
         except Diverged as err:
             if trainer.is_global_zero:
                 write_summary(run_dir, {"diverged": True, "diverged_step": err.step,
                                         "diverged_value": str(err.value), "global_step": trainer.global_step})
             raise
+        except Exception as err:
+            if not (trainer.world_size > 1 and is_collective_failure(err)):
+                raise
+            kill_child_ranks(trainer)  # frozen or stuck with this rank: they would outlive it
+            saved = trainer.is_global_zero and (ckpt_dir / "interrupted.ckpt").exists()  # by CheckpointOnInterrupt
+            raise collective_failure(err, trainer, t.ddp_timeout_s,
+                                     ckpt_dir / ("interrupted.ckpt" if saved else "last.ckpt")) from None
         finally:
             if wandb_loggers and rank_zero_only.rank == 0:
                 import wandb

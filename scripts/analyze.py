@@ -4,7 +4,9 @@
     python scripts/analyze.py SWEEP_DIR            # a Hydra multirun folder: its run folders, aggregated
 
 Each RUN_DIR/analysis/ receives the figures (PNG + PDF) and analysis.json (numbers, GD step sizes, curves); a
-SWEEP_DIR/aggregate/ receives runs.csv (one row per run) and the MSE against every swept value, GD overlaid.
+SWEEP_DIR/aggregate/ receives runs.csv (one row per finished run) and the MSE against every swept value, GD overlaid.
+A sweep with jobs that failed or never ran, or a run that did not finish, is named first ("2 of 3 jobs finished;
+job 1 failed: <its line>", "unfinished: last checkpoint at step 40 of 100").
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from icar.analysis.analyze import ANALYSIS_FILE, analyze_run_dir  # noqa: E402
+from icar.analysis.jobs import job_folders, jobs_line, run_state, sweep_jobs  # noqa: E402
 from icar.analysis.sweep import aggregate, find_runs  # noqa: E402
 
 HEADLINE = ("summary/", "heads/", "P/", "C/", "theory/", "icmap/")
+
+
+def is_sweep(folder: Path) -> bool:
+    """A Hydra multirun folder (multirun.yaml, job folders) or any folder of run folders, rather than one run."""
+    if (folder / "checkpoints").is_dir():
+        return False
+    return (folder / "multirun.yaml").is_file() or bool(job_folders(folder)) or bool(find_runs(folder))
 
 
 def main() -> int:
@@ -32,10 +42,21 @@ def main() -> int:
 
     failed = 0
     for run_dir in tqdm(args.run_dirs, desc="analysing runs", disable=len(args.run_dirs) == 1):
-        if not (run_dir / "checkpoints").is_dir() and find_runs(run_dir):  # a sweep folder
+        if is_sweep(run_dir):
+            jobs = sweep_jobs(run_dir)
+            if jobs:  # what is missing from the aggregate, and why
+                print(f"{run_dir}: {jobs_line(jobs)}")
+            runs = find_runs(run_dir)
+            if not runs:
+                print(f"{run_dir}: no finished run to aggregate", file=sys.stderr)
+                failed += 1
+                continue
             figures = aggregate(run_dir)
-            print(f"{run_dir}/aggregate: {len(find_runs(run_dir))} runs -> " + ", ".join(sorted(figures)))
+            print(f"{run_dir}/aggregate: {len(runs)} runs -> " + ", ".join(sorted(figures)))
             continue
+        state, detail = run_state(run_dir)
+        if state != "finished" and (run_dir / "checkpoints").is_dir():
+            print(f"{run_dir}: {state}: {detail}; analysing checkpoints/{args.checkpoint}.ckpt")
         try:
             result = analyze_run_dir(run_dir, args.checkpoint, args.device)
         except (FileNotFoundError, ValueError) as err:

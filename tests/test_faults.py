@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import torch
 from icar.checkpoint_io import AtomicCheckpointIO, CheckpointError
 from icar.config import ConfigError, run_dir_for, to_dataclass, validate
 from icar.logging import read_metrics
+from icar.wandb_resume import wandb_history
 from icar.train import run
 from tests.conftest import FAST, REPO
 from tests.test_train import StopAt
@@ -33,7 +35,9 @@ def strict_json(text: str):
 
 def train_cli(cwd: Path, *overrides: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """`python scripts/train.py overrides` started in `cwd` (its runs/ and multirun/ go there)."""
-    env = {**{k: v for k, v in os.environ.items() if k != "ICAR_LAUNCH_ID"}, **(env or {})}  # a launch of its own
+    # a launch of its own, as from a shell: its own launch id and its own W&B service (a child inherits the parent's
+    # WANDB_SERVICE and shares it; a SIGKILLed child would then leave its run id in use in this process's service)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("ICAR_LAUNCH_ID", "WANDB_SERVICE")}, **(env or {})}
     return subprocess.Popen([sys.executable, TRAIN, *overrides], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
@@ -141,6 +145,46 @@ def test_resumed_metrics_hold_one_record_per_step(make_cfg, tmp_path):
 
     assert [s for s, _ in losses("cut")] == list(range(10))
     assert losses("cut") == losses("full")
+
+
+def wandb_run_records(folder: Path) -> list[dict]:
+    """The run record (id, resume flag, start time) of each offline W&B segment in folder/wandb, read back with
+    `wandb leet inspect --json` (wandb 0.31 has no Python reader of .wandb files)."""
+    wandb_cli = str(Path(sys.executable).parent / "wandb")
+    records = []
+    for log in sorted((folder / "wandb").glob("offline-run-*/run-*.wandb")):
+        out = subprocess.run([wandb_cli, "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        records += [json.loads(line)["run"] for line in out.splitlines() if '"type":"run"' in line]
+    return records
+
+
+def test_a_killed_and_resumed_run_is_one_complete_wandb_run(make_cfg, tmp_path):
+    """Offline, wandb 0.31 writes one folder per process (wandb/offline-run-<start time>-<id>, -1, -2 for segments
+    started in the same second) and honours resume when syncing: every segment carries the run's one id and
+    resume=true, so `wandb sync RUN/wandb/offline-run-*` uploads them, in start-time order, as one run. A SIGKILLed
+    segment loses its unflushed tail (often all of it); the resume logs those steps again from metrics.jsonl, so the
+    segments together hold every recorded step."""
+    common = [*CLI_FAST, "logger=wandb", "trainer.val_check_interval=10"]
+    proc = train_cli(tmp_path, *common, "trainer.max_steps=100000", "hydra.run.dir=run")
+    folder = tmp_path / "run"
+    deadline = time.monotonic() + 90
+    while not ((folder / "checkpoints/last.ckpt").exists() and len((folder / "metrics.jsonl").read_text().splitlines()) >= 18):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.kill()
+    proc.communicate()
+    run(make_cfg(*common, "trainer.max_steps=30", f"ckpt_path={folder / 'checkpoints/last.ckpt'}"))
+
+    run_id = (folder / "wandb_id.txt").read_text().strip()
+    names = [p.name for p in (folder / "wandb").glob("offline-run-*")]
+    assert len(names) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in names)
+    segments = wandb_run_records(folder)  # a segment killed this early kept only its header: no run record
+    assert segments and {r["run_id"] for r in segments} == {run_id} and all(r["resume"] for r in segments)
+    recorded = sorted(r["step"] for r in read_metrics(folder) if "train/loss" in r)
+    assert recorded == list(range(30))  # the record: each step once
+    in_wandb = {step for step, keys in wandb_history(folder).items() if "train/loss" in keys}
+    assert in_wandb >= set(recorded)  # the mirror: nothing lost
 
 
 # 6. exit codes -----------------------------------------------------------------------------------------------------

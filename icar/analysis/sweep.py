@@ -1,7 +1,8 @@
 """Aggregate a sweep (a Hydra multirun folder) from its run folders, offline: one table row per run (config values
 and final metrics) and figures of the MSE against each swept value, GD and least squares overlaid.
 
-A run folder is any folder below the sweep holding config.yaml and summary.json (what `icar.train.run` writes).
+A run folder is any folder below the sweep holding config.yaml and summary.json (what `icar.train.run` writes) and
+no failure.txt (a diverged run writes a summary too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
 from icar.analysis.plots import plt, save_figure
+from icar.failures import FAILURE_FILE
 
 log = logging.getLogger(__name__)
 AGGREGATE_DIR = "aggregate"
@@ -35,9 +37,11 @@ def first_value(runs: pd.DataFrame, column: str) -> str | None:
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
-    """Run folders below sweep_dir (itself included), in path order."""
+    """Finished run folders below sweep_dir (itself included), in path order: a diverged or otherwise failed run
+    (failure.txt) is left out; icar.analysis.jobs says which are missing and why."""
     sweep_dir = Path(sweep_dir)
-    return sorted(p.parent for p in sweep_dir.rglob("summary.json") if (p.parent / "config.yaml").is_file())
+    return sorted(p.parent for p in sweep_dir.rglob("summary.json")
+                  if (p.parent / "config.yaml").is_file() and not (p.parent / FAILURE_FILE).exists())
 
 
 def load_runs(sweep_dir: Path) -> pd.DataFrame:
