@@ -5,7 +5,7 @@ The estimate is a rough upper bound: the sizes of the tensors that grow with the
 step keeps alive, as measured on this code (the peak resident memory of a step, with the allocator keeping freed
 memory as training does; tests/test_memory.py checks that it bounds a measured step within a factor of 2.5):
   attention, per layer (training): 2.75 (linear scores) or 5.5 (softmax scores times positional weights) tensors of
-    (B, H, T, T); none for PyTorch's fused causal softmax (no positional weights); the token-space kernel of a first
+    (B, H, T, T) (3 for softmax scores in a first layer's coordinates: icar.models.transformer.choose_path); none for PyTorch's fused causal softmax (no positional weights); the token-space kernel of a first
     linear layer (model.kernel) keeps 3 batch-independent (T P, T r D) tensors instead, P = r (r + 1) / 2; the
     diagonal model 5 of (B, H, T, T);
   the residual stream, per layer: 10 tensors of (B, T, H dh + d_model);
@@ -28,13 +28,13 @@ from icar.config import (
     ConfigError,
     Embedding,
     Family,
-    Kernel,
     Optimizer,
     Positional,
     TrainConfig,
     Tokens,
     available_devices,
 )
+from icar.models.transformer import AttentionPath, choose_path
 
 CHUNK_WORK = 2 * 8 * (1 << 22)  # bytes of the baselines' per-chunk float64 work (icar.baselines.CHUNK_ELEMENTS)
 
@@ -76,16 +76,6 @@ def element_bytes(precision: str, complex_valued: bool = False) -> int:
     return size * (2 if complex_valued else 1)
 
 
-def uses_token_space(cfg: TrainConfig, layer: int, r: int, D: int, H: int, dh: int) -> bool:
-    """Whether the Transformer evaluates `layer` with the token-space kernel (icar.models.transformer's rule)."""
-    from icar.models.transformer import dense_flops, token_space_flops
-
-    m = cfg.model
-    if layer > 0 or m.attention != Attention.linear or m.kernel == Kernel.explicit or m.positional == Positional.additive:
-        return False
-    return m.kernel == Kernel.fast or token_space_flops(r, cfg.data.T, D) < dense_flops(H, cfg.data.T, dh)
-
-
 def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
     """The estimate of one rank's memory, in bytes, split into the terms above."""
     m, dt = cfg.model, cfg.data
@@ -117,15 +107,18 @@ def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
             est.train.append(Part("positional weights (H, T, T)", 3 * L * H * T * T * f, mask_keys + f" x model.n_heads={H}"))
         fused = m.attention == Attention.softmax and m.positional in (Positional.none, Positional.additive)
         per_tensor = B * H * T * T * f
-        r = width + int(m.bias)  # token coordinates, and a constant one carrying the biases
+        # a first layer's token coordinates (augmented tokens drop their zero block), and a constant one for biases
+        r = (width * 2 // 3 if dt.tokens == Tokens.augmented else width) + int(m.bias)
         pairs = r * (r + 1) // 2
-        dense_layers = [i for i in range(L) if not uses_token_space(cfg, i, r, D, H, dh)]
+        paths = [choose_path(m.attention, m.positional, m.kernel, r if i == 0 else None, H, T, dh, D) for i in range(L)]
+        dense_layers = [i for i, path in enumerate(paths) if path != AttentionPath.token_space]
         if len(dense_layers) < L:
             est.train.append(Part("token-space kernel (T P, T r D)", 3 * T * pairs * T * r * D * f,
                                   f"data.T={T}^2 x {pairs * r * D} (model.kernel={m.kernel.value}, first layer)"))
         if not fused and dense_layers:
-            c = 5.5 if m.attention == Attention.softmax else 2.75
-            est.train.append(Part("(B, H, T, T) attention", c * len(dense_layers) * per_tensor, attn_keys))
+            softmax = m.attention == Attention.softmax  # the coordinate kernel keeps fewer softmax intermediates
+            c = sum((3.0 if paths[i] == AttentionPath.coordinates else 5.5) if softmax else 2.75 for i in dense_layers)
+            est.train.append(Part("(B, H, T, T) attention", c * per_tensor, attn_keys))
             est.validation.append(Part("(B, H, T, T) attention", 2 * val_batch * H * T * T * f, attn_keys))
         est.train.append(Part("residual stream", 10 * L * B * T * (H * dh + D) * f,
                               f"data.batch_size={B} x data.T={T} x model.n_layers={L} x width {H * dh + D}"))

@@ -63,6 +63,24 @@ class AttentionPath(str, Enum):
     token_space = "token_space"  # a first layer, linear scores: one batch GEMM, no per-sequence weights
 
 
+def choose_path(attention: Attention, positional: Positional, kernel: Kernel, r: int | None, H: int, T: int,
+                dh: int, D: int) -> AttentionPath:
+    """The evaluation of a layer (the rule of model.kernel): r is the number of its token coordinates (a constant
+    one included where biases or an offset need it) on a first layer, None elsewhere."""
+    if kernel == Kernel.explicit:
+        return AttentionPath.explicit
+    if attention == Attention.softmax and positional in (Positional.none, Positional.additive):
+        return AttentionPath.fused
+    if r is None or positional == Positional.additive:  # additive: outside the token coordinates
+        return AttentionPath.dense
+    cost = {AttentionPath.dense: dense_flops(H, T, dh, D), AttentionPath.coordinates: coordinate_flops(H, T, r, D)}
+    if attention == Attention.linear:
+        cost[AttentionPath.token_space] = token_space_flops(r, T, D)
+    if kernel == Kernel.fast:
+        return AttentionPath.token_space if AttentionPath.token_space in cost else AttentionPath.coordinates
+    return min(cost, key=cost.__getitem__)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head attention with all heads computed in one batched product (no loop over heads).
 
@@ -149,20 +167,11 @@ class MultiHeadAttention(nn.Module):
 
     def path(self, coords: TokenCoords | None, T: int) -> AttentionPath:
         """The evaluation `forward` uses for this layer, given its tokens' coordinates (None: not a first layer)."""
-        if self.kernel == Kernel.explicit:
-            return AttentionPath.explicit
-        if self.kind == Attention.softmax and self.positional in (Positional.none, Positional.additive):
-            return AttentionPath.fused
-        if coords is None or self.positional == Positional.additive:  # additive: outside the token coordinates
-            return AttentionPath.dense
-        H, dh, D = self.n_heads, self.head_dim, self.out.out_features
-        r = coords.s.shape[-1] + int(coords.offset is not None or self.qkv.bias is not None)
-        cost = {AttentionPath.dense: dense_flops(H, T, dh, D), AttentionPath.coordinates: coordinate_flops(H, T, r, D)}
-        if self.kind == Attention.linear:
-            cost[AttentionPath.token_space] = token_space_flops(r, T, D)
-        if self.kernel == Kernel.fast:
-            return AttentionPath.token_space if AttentionPath.token_space in cost else AttentionPath.coordinates
-        return min(cost, key=cost.__getitem__)
+        r = None
+        if coords is not None:
+            r = coords.s.shape[-1] + int(coords.offset is not None or self.qkv.bias is not None)
+        return choose_path(self.kind, self.positional, self.kernel, r, self.n_heads, T, self.head_dim,
+                           self.out.out_features)
 
     def uses_token_space(self, coords: TokenCoords | None, T: int) -> bool:
         """Whether `forward` evaluates this layer with the token-space kernel."""
