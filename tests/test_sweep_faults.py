@@ -4,8 +4,8 @@ the same of a sweep folder, and of a killed run at which step it stopped."""
 
 from __future__ import annotations
 
+import runpy
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,9 +21,16 @@ from tests.test_train import StopAt
 ANALYZE = str(REPO / "scripts" / "analyze.py")
 
 
-def analyze(*paths: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, ANALYZE, *map(str, paths)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+def analyze(capsys, *paths: Path) -> tuple[int, str]:
+    """(exit status, stdout) of scripts/analyze.py, run in this process (its imports are loaded already)."""
+    main = runpy.run_path(ANALYZE)["main"]
+    argv = sys.argv
+    sys.argv = [ANALYZE, *map(str, paths)]
+    try:
+        status = main()
+    finally:
+        sys.argv = argv
+    return status, capsys.readouterr().out
 
 
 def test_jobs_line_names_failures_and_what_did_not_run():
@@ -34,7 +41,7 @@ def test_jobs_line_names_failures_and_what_did_not_run():
                                " job 2 stopped by SIGTERM at step 9; resume with ckpt_path=x; jobs 3-5, 7 did not run")
 
 
-def test_a_failed_grid_job_is_named_and_the_sweep_exits_1(tmp_path):
+def test_a_failed_grid_job_is_named_and_the_sweep_exits_1(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     proc = train_cli(tmp_path, "-m", *CLI_FAST, "model.n_heads=0,1", f"hydra.sweep.dir={sweep}")
     _, err = proc.communicate(timeout=180)
@@ -44,10 +51,10 @@ def test_a_failed_grid_job_is_named_and_the_sweep_exits_1(tmp_path):
     assert "Traceback" not in err  # the job's failure is its one line
     assert (sweep / "0" / FAILURE_FILE).read_text().startswith("config error: model.n_heads")
 
-    out = analyze(sweep)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[0] == expected.replace("sweep ", "", 1)
-    assert "aggregate: 1 runs" in out.stdout
+    status, out = analyze(capsys, sweep)
+    assert status == 0
+    assert out.splitlines()[0] == expected.replace("sweep ", "", 1)
+    assert "aggregate: 1 runs" in out
 
 
 def test_sigterm_during_a_grid_sweep_says_which_jobs_did_not_run(tmp_path):
@@ -67,7 +74,7 @@ def test_sigterm_during_a_grid_sweep_says_which_jobs_did_not_run(tmp_path):
     assert last.endswith("interrupted.ckpt; jobs 1, 2 did not run")
 
 
-def test_a_killed_run_is_unfinished_at_the_step_of_its_last_checkpoint(make_cfg, tmp_path):
+def test_a_killed_run_is_unfinished_at_the_step_of_its_last_checkpoint(make_cfg, tmp_path, capsys):
     """What SIGKILL leaves (metrics, last.ckpt at the last validation, no summary, no failure.txt): analysis says the
     run is unfinished and at which step, before analysing last.ckpt. A crash writes failure.txt, a resume that
     finishes removes it."""
@@ -83,9 +90,9 @@ def test_a_killed_run_is_unfinished_at_the_step_of_its_last_checkpoint(make_cfg,
     state, detail = run_state(folder)
     assert (state, detail.split(" (")[0]) == ("unfinished", "last checkpoint at step 5 of 10")
 
-    out = analyze(folder)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[0].startswith(f"{folder}: unfinished: last checkpoint at step 5 of 10 (resume")
+    status, out = analyze(capsys, folder)
+    assert status == 0
+    assert out.splitlines()[0].startswith(f"{folder}: unfinished: last checkpoint at step 5 of 10 (resume")
 
     (folder / FAILURE_FILE).write_text("RuntimeError: simulated interruption\n")
     run(make_cfg(*common, f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"))
