@@ -561,7 +561,7 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, tmp:
         print(f"              matrix products: {gemm_s * 1e3:.1f} ms of the {plain_s * 1e3:.1f} ms step "
               f"({100 * gemm_s / plain_s:.0f}%), {flops / gemm_s / 1e9:.0f} GFLOP/s on this step's shapes "
               f"(profiled; the profiler slows small operators a little)")
-    if authors_c:
+    if authors_c and median(authors_c.secs) / light_s < 3:
         print(f"              3x the authors' step would be {median(authors_c.secs) / 3 * 1e3:.1f} ms")
     print(f"   last-step loss: Lightning {light_loss:.6g}, plain {plain_loss:.6g} (same init, data and optimiser)")
     if device.type == "cpu" and max(load_before, load_after) > torch.get_num_threads() + 0.5:
