@@ -1,4 +1,4 @@
-"""In-context baselines with the model's interface (PAPER.md section 5): sequences s_1..s_T (B, T, d) in, predictions
+"""In-context baselines with the model's interface (docs/PAPER_NOTES.md §3.8): sequences s_1..s_T (B, T, d) in, predictions
 of s_2..s_{T+1} out, evaluated on the model's validation sequences and logged under the same metric names
 (`val/<name>/mse`, `val/<name>/mse_last`, `val/<name>/mse_by_pos`).
 
@@ -150,7 +150,7 @@ TRIVIAL: dict[str, Predictor] = {"zero": predict_zero, "last_token": predict_las
 
 
 class InContextBaselines:
-    """Every baseline of PAPER.md section 5 for one data config: zero, last_token, true_w, ols and gd1..gd{K}
+    """Every baseline of docs/PAPER_NOTES.md §3.8 for one data config: zero, last_token, true_w, ols and gd1..gd{K}
     (`K = max_gd_steps`), with GD's tuned step sizes `gd_eta` (K, T).
 
     Not an nn.Module on purpose: the step sizes stay float64 on the CPU whatever the model's device and precision

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 
 class Family(str, Enum):
-    """Context-matrix families of PAPER.md section 1."""
+    """Context-matrix families of docs/PAPER_NOTES.md §1.2."""
 
     orthogonal = "orthogonal"  # Haar on O(d), non-commuting
     commuting = "commuting"  # Q diag(R_theta_1, ..., R_theta_{d/2}) Q^T with one shared Q

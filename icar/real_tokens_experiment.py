@@ -1,4 +1,4 @@
-"""Figure 4 (PAPER.md claim 8): how often windows of T real token embeddings are fitted exactly by an AR(1) map,
+"""Figure 4 (docs/PAPER_NOTES.md §4.8): how often windows of T real token embeddings are fitted exactly by an AR(1) map,
 against the same tokens shuffled across windows, in float64 (the measurement) and, as a check, in the authors'
 float32 arithmetic. `run_fig4(cfg)` writes config.yaml, ar_fit_hist.png/.pdf,
 summary.json and figure.json into the run folder, mirrors them to W&B, and returns the numbers."""

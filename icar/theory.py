@@ -1,4 +1,4 @@
-"""Closed forms and exact population losses of PAPER.md section 4 (claims 1-3), to check trained models against.
+"""Closed forms and exact population losses of docs/PAPER_NOTES.md §3 (claims 1-3), to check trained models against.
 
 Conventions (those of `icar.models.DiagonalAttention` and `icar.data`):
 - the diagonal model predicts, from the prefix s_1..s_tau,
@@ -56,7 +56,7 @@ def _f64(x: torch.Tensor) -> torch.Tensor:
 
 
 def l_unitary_row(C: torch.Tensor, p: torch.Tensor) -> float:
-    """Proposition 3 (PAPER.md claim 2): l_U(C, p) = ||p||^2 ||C||_F^2 + p_{tau-1}^2 (||C 1||^2 - ||C||_F^2)
+    """Proposition 3 (docs/PAPER_NOTES.md §3.3): l_U(C, p) = ||p||^2 ||C||_F^2 + p_{tau-1}^2 (||C 1||^2 - ||C||_F^2)
     - 2 p_tau tr(C) + d, the unitary population loss of one prefix row; p = P[tau-1, :tau] (p[-1] on the newest
     token s_tau, p[-2] on the query token s_{tau-1}), tau = len(p) >= 2."""
     C, p = _f64(C), _f64(p)
@@ -288,7 +288,7 @@ def distance_to_optimum(
 
 def head_balance(A: torch.Tensor, B: torch.Tensor) -> float:
     """||A A^T - B B^T||_F / max(||A A^T||_F, ||B B^T||_F): 0 for balanced heads. Gradient flow on a function of
-    B^T A conserves A A^T - B B^T (PAPER.md claim 2), so a small initialisation stays near 0."""
+    B^T A conserves A A^T - B B^T (docs/PAPER_NOTES.md §3.5), so a small initialisation stays near 0."""
     A, B = _f64(A).detach(), _f64(B).detach()
     GA, GB = A @ A.T, B @ B.T
     scale = max(float(torch.linalg.norm(GA)), float(torch.linalg.norm(GB)))

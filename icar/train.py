@@ -2,7 +2,7 @@
 `run(cfg) -> metrics`, which scripts, tests and sweeps call in-process.
 
 MSE is per token: ||s_hat_{t+1} - s_{t+1}||^2 summed over coordinates (complex: squared modulus), averaged over
-sequences and over the predicted positions t >= model.first_position (PAPER.md section 4, claim 4).
+sequences and over the predicted positions t >= model.first_position (docs/PAPER_NOTES.md §1.5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Properties of the data code (PAPER.md sections 1-2): context families, the recursion, starts, noise, tokens,
+"""Properties of the data code (docs/PAPER_NOTES.md §1): context families, the recursion, starts, noise, tokens,
 and the reproducible per-(seed, rank, step) training stream.
 
 Every check compares against an independent computation (explicit algebra, a loop, or a Monte Carlo moment with

@@ -1,5 +1,5 @@
 """Properties of icar.models: causality, attention against its closed form, Proposition 1, the exact
-solutions of claims 2 and 3 (PAPER.md section 4) for the diagonal model, and `build_model` sizing.
+solutions of claims 2 and 3 (docs/PAPER_NOTES.md §3.3, §3.4) for the diagonal model, and `build_model` sizing.
 
 Exact checks run in float64 / complex128 with tolerances near machine precision.
 """

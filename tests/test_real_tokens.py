@@ -1,4 +1,4 @@
-"""Figure 4 (PAPER.md claim 8): the batched AR(1) fit against exact algebra and a per-window lstsq, the windows
+"""Figure 4 (docs/PAPER_NOTES.md §4.8): the batched AR(1) fit against exact algebra and a per-window lstsq, the windows
 and their shuffle, the config checks, and smoke runs of run_fig4 (wordllama) and of the hf: loader."""
 
 import json

@@ -1,7 +1,7 @@
 """Slow scientific checks (`make test-full`): from random initialisation on CPU, training reaches the paper's optima.
 
 Each trains one model for a few thousand steps (about a minute each on 2 cores) and checks the learned parameters
-against PAPER.md section 4 with the analyses of icar.analysis.
+against docs/PAPER_NOTES.md §4 with the analyses of icar.analysis.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_claim2_unitary_diagonal_reaches_c_identity(tmp_path: Path) -> None:
     assert _dist_to_multiple(C, torch.eye(10, dtype=torch.float64)) < 0.05
     assert metrics["analysis/C/dist_identity"] < 0.05  # the same number, as the analysis reports it
     assert metrics["analysis/theory/C_rel_dist"] < 0.05
-    assert metrics["analysis/heads/A_offdiag"] < 0.1  # orthogonal heads (PAPER.md claim 2)
+    assert metrics["analysis/heads/A_offdiag"] < 0.1  # orthogonal heads (docs/PAPER_NOTES.md §3.5)
 
 
 def test_claim3_rotation_diagonal_reaches_rank_five_blocks(tmp_path: Path) -> None:

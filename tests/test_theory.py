@@ -1,4 +1,4 @@
-"""icar.theory against Monte Carlo of the actual models and against the closed forms of PAPER.md section 4:
+"""icar.theory against Monte Carlo of the actual models and against the closed forms of docs/PAPER_NOTES.md §3:
 the exact population loss of the diagonal model (claims 2 and 3), its minimisers, Proposition 2's one-step GD
 formulas, and the distance-to-optimum / head-balance diagnostics.
 

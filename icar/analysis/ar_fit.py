@@ -1,4 +1,4 @@
-"""The AR(1) fit of Figure 4 (PAPER.md claim 8): per window s_1..s_T, the least-squares map W_hat with
+"""The AR(1) fit of Figure 4 (docs/PAPER_NOTES.md §4.8): per window s_1..s_T, the least-squares map W_hat with
 W_hat s_t ~ s_{t+1}, the window regenerated from s_1 by s_hat_{t+1} = W_hat s_hat_t, and its MSE.
 
 `ar1_mse` (the primary measurement) is float64, so that "MSE <= 1e-12" means the fit is exact rather than within

@@ -1,4 +1,4 @@
-"""Head orthogonality (PAPER.md section 6): cosines between heads' parameters, as matrices and scalar summaries.
+"""Head orthogonality (docs/PAPER_NOTES.md §3.5): cosines between heads' parameters, as matrices and scalar summaries.
 
 At the optimum of claim 2 the rows of A (and of B) are orthogonal; for a general layer we compare the per-head
 key-query matrices M_h = Q_h^T K_h and value-output matrices O_h V_h by normalised Frobenius inner products.

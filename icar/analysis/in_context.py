@@ -1,4 +1,4 @@
-"""The in-context map of a trained one-layer model on augmented tokens (PAPER.md section 1, Definition 1).
+"""The in-context map of a trained one-layer model on augmented tokens (docs/PAPER_NOTES.md §1.6).
 
 The prediction of s_{T+1} is read as `W_hat s_T + M s_{T-1}`: W_hat and M are the derivatives of the prediction with
 respect to the query token's copies of s_T and s_{T-1} (e_T = (0, s_T, s_{T-1})), with the keys and values held at

@@ -107,7 +107,7 @@ def _png_tag(path: Path) -> str:
 
 
 def _with_gd_matched(runs: pd.DataFrame) -> pd.DataFrame:
-    """`val/gdL/mse_last`: GD with as many steps as the run's model has layers (PAPER.md claim 4), where logged."""
+    """`val/gdL/mse_last`: GD with as many steps as the run's model has layers (docs/PAPER_NOTES.md §4.4), where logged."""
     if "model.n_layers" not in runs:
         return runs
     gd = [run.get(f"val/gd{int(run['model.n_layers'])}/mse_last") for _, run in runs.iterrows()]

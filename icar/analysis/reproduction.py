@@ -1,4 +1,4 @@
-"""REPRODUCTION.md from the figure records (figure.json) of the newest figure runs: per claim of PAPER.md section 4,
+"""REPRODUCTION.md from the figure records (figure.json) of the newest figure runs: per claim of docs/PAPER_NOTES.md §4,
 the paper's statement and number, ours, a verdict (reproduced, partly, not) with its evidence, the command, and the
 time it took on which machine. The verdicts are rules on the recorded numbers, written here once, so the table is
 regenerated, never edited by hand."""

@@ -94,7 +94,7 @@ def plot_metric_against(runs: pd.DataFrame, x: str, path_stem: Path, metric: str
                         hue: str | None = None, log_y: bool = True) -> list[Path]:
     """`metric` against the swept value `x` (mean over seeds, band from min to max, one line per `hue` value), with
     least squares and GD overlaid; against the depth `model.n_layers`, GD takes as many steps as the model has layers
-    (PAPER.md claim 4), elsewhere one step."""
+    (docs/PAPER_NOTES.md §4.4), elsewhere one step."""
     data = runs.sort_values(x)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     sns.lineplot(data=data, x=x, y=metric, hue=hue, errorbar=("pi", 100), marker="o", ax=ax, **({} if hue else {"label": "model"}))
@@ -141,7 +141,7 @@ def aggregate(sweep_dir: Path, metric: str = "val/mse_last") -> dict[str, list[P
             continue
         name = f"{metric.replace('/', '_')}_vs_{key}"
         figures[name] = plot_metric_against(runs, key, out / name, metric, hue)
-    if "model.n_heads" in keys:  # head orthogonality (PAPER.md section 6) against the number of heads
+    if "model.n_heads" in keys:  # head orthogonality (docs/PAPER_NOTES.md §3.5) against the number of heads
         for column in sorted(c for c in runs.columns if c.startswith("analysis/heads/") and c.endswith("_offdiag")):
             if runs[column].notna().any():
                 name = f"{column.replace('/', '_')}_vs_model.n_heads"

@@ -1,4 +1,4 @@
-"""Context matrices W of PAPER.md section 1, sampled in batches from an explicit generator.
+"""Context matrices W of docs/PAPER_NOTES.md §1.2, sampled in batches from an explicit generator.
 
 Conventions (kept here only): rotation angles are theta / mu with theta uniform on [-pi, pi), so a large mu
 concentrates W near the identity symmetrically; the unitary family uses complex tensors (complex64), and real

@@ -1,4 +1,4 @@
-"""Real token embeddings for Figure 4 (PAPER.md claim 8): an embedding table and its tokenizer, a text corpus, and
+"""Real token embeddings for Figure 4 (docs/PAPER_NOTES.md §4.8): an embedding table and its tokenizer, a text corpus, and
 windows of T consecutive token ids, real and shuffled across windows.
 
 Two sources: `wordllama` (default) reads the 32000 x 256 token-embedding table (distilled from Llama-2-family

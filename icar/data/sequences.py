@@ -1,4 +1,4 @@
-"""Sequences s_1..s_{T+1} of the process s_{t+1} = W s_t + sigma eps_t (PAPER.md section 1), batched."""
+"""Sequences s_1..s_{T+1} of the process s_{t+1} = W s_t + sigma eps_t (docs/PAPER_NOTES.md §1.1, §1.3), batched."""
 
 from __future__ import annotations
 

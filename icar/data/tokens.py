@@ -1,4 +1,4 @@
-"""Token encodings of PAPER.md section 2, and the real view of complex sequences."""
+"""Token encodings of docs/PAPER_NOTES.md §1.4, and the real view of complex sequences."""
 
 from __future__ import annotations
 

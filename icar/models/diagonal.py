@@ -1,11 +1,11 @@
-"""The reduced diagonal multi-head linear attention of Figure 3 (PAPER.md section 3).
+"""The reduced diagonal multi-head linear attention of Figure 3 (docs/PAPER_NOTES.md §2.6).
 
 s_hat_{tau+1} = sum_{t <= tau} P[tau, t] sum_h <a_h * s_{tau-1}, s_t> (b_h * s_t),  <x, y> = sum_i conj(x_i) y_i,
 with A, B in R^{H x d} and one positional matrix P (row tau serves the prediction from the prefix s_1..s_tau).
 The query is the second-to-last token s_{tau-1}, so the first prediction (tau = 1, s_0 = 0) is always 0 and the
 loss counts tau = 2..T. Works on complex sequences directly (the unitary family); no residual, norm or softmax.
 With pe_only, C = B^T A is fixed to I (A = B = I, H = d) and only P is trained, from P = 0: the authors'
-positional-only experiment (PAPER.md claim 6, Figure 6). With softmax_positional, row tau's weights are a softmax of
+positional-only experiment (docs/PAPER_NOTES.md §3.6 and §4.6, Figure 6). With softmax_positional, row tau's weights are a softmax of
 P over t <= tau (non-negative, summing to 1) instead of P itself: claim 7's softmax positional weighting, which
 cannot carry the opposite-sign taps of the rotation-block optimum (claim 3).
 """

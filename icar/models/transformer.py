@@ -1,4 +1,4 @@
-"""A configurable causal Transformer for in-context autoregression (PAPER.md section 3, general variants).
+"""A configurable causal Transformer for in-context autoregression (docs/PAPER_NOTES.md §2).
 
 Attention weights are `token weights * positional weights` on the causal triangle:
   token weights: linear  -> scores q_t . k_t' / sqrt(head_dim) (no normalisation by t: our convention);
@@ -270,7 +270,7 @@ def mask_gd_blocks(attn: MultiHeadAttention, d: int) -> None:
     """Restrict a layer on augmented tokens e_t = (0, s_t, s_{t-1}) to Proposition 1's blocks: queries read s_t,
     keys s_{t-1}, values s_t, and the output is written into the zero block. One head then computes
     B (sum_{t'} s_{t'} s_{t'-1}^T) A s_t with A = (W_k^T W_q)[prev, mid] / sqrt(3d) and B = (W_o W_v)[zero, mid]
-    (PAPER.md claim 1)."""
+    (docs/PAPER_NOTES.md §2.4, §3.1)."""
     H, dh = attn.n_heads, attn.head_dim
     zero, mid, prev = slice(0, d), slice(d, 2 * d), slice(2 * d, 3 * d)
     qkv = torch.zeros(3, H * dh, 3 * d)
