@@ -42,6 +42,14 @@ def train_cli(cwd: Path, *overrides: str, env: dict | None = None, **kwargs) -> 
                             stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
 
+def wait_for_steps(proc: subprocess.Popen, metrics: Path, steps: int = 3, timeout: float = 90) -> None:
+    """Block until the run writing `metrics` has logged `steps` records (it must still be running)."""
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -191,11 +199,7 @@ def test_a_killed_and_resumed_run_is_one_complete_wandb_run(make_cfg, tmp_path):
 def test_sigterm_exits_143_and_leaves_a_checkpoint(tmp_path):
     proc = train_cli(tmp_path, *CLI_FAST, "trainer.max_steps=100000", "trainer.val_check_interval=1000",
                      "hydra.run.dir=run")
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for_steps(proc, tmp_path / "run" / "metrics.jsonl")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM

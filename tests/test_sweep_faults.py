@@ -7,7 +7,6 @@ from __future__ import annotations
 import runpy
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from icar.analysis.jobs import Job, jobs_line, run_state, sweep_jobs
 from icar.failures import FAILURE_FILE
 from tests.conftest import REPO
-from tests.test_faults import CLI_FAST, train_cli
+from tests.test_faults import CLI_FAST, train_cli, wait_for_steps
 from tests.test_train import StopAt
 
 ANALYZE = str(REPO / "scripts" / "analyze.py")
@@ -61,11 +60,7 @@ def test_sigterm_during_a_grid_sweep_says_which_jobs_did_not_run(tmp_path):
     sweep = tmp_path / "sweep"
     proc = train_cli(tmp_path, "-m", *CLI_FAST, "seed=0,1,2", "trainer.max_steps=100000",
                      "trainer.val_check_interval=1000", f"hydra.sweep.dir={sweep}")
-    metrics = sweep / "0" / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for_steps(proc, sweep / "0" / "metrics.jsonl")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM  # it used to exit 0, the other jobs silently never run
