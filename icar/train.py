@@ -47,6 +47,7 @@ from icar.guards import SIGTERM_EXIT, Diverged, DivergenceGuard, finite_or_none,
 from icar.logging import build_loggers, log_curves, sweep_context
 from icar.models import build_model
 from icar.resume import check_resume, record_resume, truncate_metrics
+from icar.slurm import cluster_plugins, requeue_callbacks, requeued_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         cfg.logger.group = cfg.logger.group or group
         cfg.logger.tags = [*cfg.logger.tags, *(f"{k}={v}"[:64] for k, v in swept.items())]
     run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
+    cfg.ckpt_path = cfg.ckpt_path or requeued_checkpoint(run_dir)  # a requeued SLURM job continues where it stopped
     config = to_plain_dict(cfg)
     resumed = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     diff = check_resume(dict(resumed["hyper_parameters"]), config, cfg.resume_override) if resumed else {}
@@ -309,6 +311,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
         *(callbacks or []),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/mse", mode="min", save_last=True),
         CheckpointOnInterrupt(ckpt_dir / "interrupted.ckpt"),
+        *requeue_callbacks(),  # after CheckpointOnInterrupt: requeue once the checkpoint is written
         ValidateAtEnd(),
         DivergenceGuard(),
     ]
@@ -342,7 +345,7 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
             use_distributed_sampler=False,  # the DataModule shards validation itself, without padding
             default_root_dir=str(run_dir),
             enable_model_summary=False,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         )
         wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
         if rank_zero_only.rank == 0:
