@@ -369,7 +369,10 @@ def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback
             if wandb_loggers and rank_zero_only.rank == 0:
                 import wandb
 
-                wandb.finish()  # one W&B run per Hydra job: the next job must not log into this one
+                try:
+                    wandb.finish()  # one W&B run per Hydra job: the next job must not log into this one
+                except Exception as err:  # its service is gone: SLURM signals every process of a job, wandb-core too
+                    log.warning(f"W&B run not finished cleanly ({type(err).__name__}: {err}); metrics.jsonl is complete")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
     if analysis is not None and analysis.result is not None:
