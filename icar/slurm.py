@@ -29,7 +29,10 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from icar.resume import newest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,7 @@ _requeue_requested = False  # set once submitit has been asked to requeue this j
 def in_slurm_job() -> bool:
     """Whether this process is a task of a SLURM job step (srun or sbatch), as Lightning decides: SLURM_NTASKS set
     and the job not an interactive shell (`srun --job-name=bash|interactive`)."""
-    from lightning.fabric.plugins.environments.slurm import _is_srun_used
-
-    return _is_srun_used()
+    return SLURMEnvironment.detect()
 
 
 def under_submitit() -> bool:
@@ -58,11 +59,7 @@ def requeue_signal() -> signal.Signals:
 def cluster_plugins() -> list[Any]:
     """Inside a SLURM job: Lightning's SLURM environment (ranks from SLURM_PROCID, SLURM_NTASKS, ...) without its
     auto-requeue handler. Elsewhere nothing (Lightning detects its environment itself)."""
-    if not in_slurm_job():
-        return []
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    return [SLURMEnvironment(auto_requeue=False)]
+    return [SLURMEnvironment(auto_requeue=False)] if in_slurm_job() else []
 
 
 def requeue_requested() -> bool:
@@ -81,8 +78,6 @@ def restart_count() -> int:
 def requeued_checkpoint(run_dir: Path) -> str | None:
     """For a SLURM job that has been restarted: the newest checkpoint its run folder holds (`interrupted.ckpt` if
     its last attempt stopped cleanly, else `last.ckpt` from the last validation), to resume from; else None."""
-    from icar.resume import newest_checkpoint
-
     if restart_count() < 1:
         return None
     newest = newest_checkpoint(run_dir)

@@ -142,7 +142,10 @@ class SlurmCluster:
     @property
     def env(self) -> dict[str, str]:
         """The environment for client commands and jobs: this process's, with SLURM_CONF and the sacct stand-in."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        # not WANDB_SERVICE either: set once this process has used W&B, it would hand the jobs this process's
+        # W&B service instead of their own (on a cluster, a service on another node)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "WANDB_SERVICE"}
         env["SLURM_CONF"] = str(self.conf)
         env["PATH"] = f"{self.root / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         return env

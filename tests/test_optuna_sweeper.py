@@ -69,8 +69,8 @@ def test_study_recovers_after_the_sweeper_is_killed(tmp_path):
     fails it as stale (after the grace period) and runs its retry, which has the same parameters and continues the
     killed run from its checkpoint in its folder; n_trials counts the retry, not the stale trial."""
     sweep = tmp_path / "search"
-    overrides = ("hparams_search=linear_lr", "hydra.sweeper.n_trials=4",  # 120 steps: below the pruner's warm-up
-                 "trainer.max_steps=120", "trainer.val_check_interval=20", *HEARTBEAT)
+    overrides = ("hparams_search=linear_lr", "hydra.sweeper.n_trials=4",  # 80 steps: below the pruner's warm-up
+                 "trainer.max_steps=80", "trainer.val_check_interval=20", *HEARTBEAT)
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen(sweep_command(sweep, *overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         _wait_for_trials(proc, tmp_path / "first.log", sweep, "search_linear_lr", None,
@@ -93,7 +93,7 @@ def test_study_recovers_after_the_sweeper_is_killed(tmp_path):
         assert trials[t.number].value == t.value
     assert len({t.params["optim.lr"] for t in complete}) == 4  # the resumed sampler does not replay the first proposals
     for t in complete:
-        assert json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())["global_step"] == 120
+        assert json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())["global_step"] == 80
         assert 1e-4 <= t.params["optim.lr"] <= 1e-1 and t.params["optim.schedule"] in ("constant", "cosine")
     results = (sweep / "optuna_results.yaml").read_text()
     assert "n_trials: 5" in results and "best_params" in results and "FAIL: 1" in results
@@ -162,7 +162,7 @@ def test_a_sigkilled_workers_trial_is_retried_by_another_worker(tmp_path, postgr
     complete trials, none run twice, and the killed one failed."""
     study = f"killed_{tmp_path.name}"[:60]
     overrides = ("hparams_search=linear_lr", f"hydra.sweeper.study_name={study}",
-                 f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.n_trials=4", "trainer.max_steps=120",
+                 f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.n_trials=4", "trainer.max_steps=80",
                  "trainer.val_check_interval=20", *HEARTBEAT)
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     with logs[0].open("w") as log0, logs[1].open("w") as log1:

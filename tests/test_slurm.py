@@ -106,7 +106,7 @@ def _training_step(run_dir: Path) -> int:
 
 
 def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
-    """Two array jobs of 200 steps, W&B offline. Once each is past its first validation, job 0 is requeued by SLURM
+    """Two array jobs of 160 steps, W&B offline. Once each is past its first validation, job 0 is requeued by SLURM
     (`scontrol requeue`: SIGTERM, as a preemption) and job 1 gets its time-limit signal (USR2, what
     `--signal=USR2@signal_delay_s` sends before the limit), on which submitit requeues it. Each checkpoints at the end
     of its step, is requeued, restarts (SLURM_RESTART_COUNT=1) in the same run folder and W&B run, and ends with the
@@ -114,7 +114,7 @@ def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
     overrides = [o for o in FAST if not o.startswith(("logger=", "trainer.max_steps", "trainer.val_check",
                                                       "data.batch_size"))] + [
         "logger.mode=offline", "model.n_layers=2", "seed=0,1", "model.attention=linear", "eval.gd_steps=1",
-        "eval.analysis=false", "data.batch_size=256", "trainer.max_steps=200", "trainer.val_check_interval=50"]
+        "eval.analysis=false", "data.batch_size=128", "trainer.max_steps=160", "trainer.val_check_interval=40"]
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
     log = (tmp_path / "sweep.log").open("w")
     sweeper = subprocess.Popen(train_command(*SWEEP, *overrides, *SLURM, f"hydra.sweep.dir={on_slurm}"), cwd=REPO,
@@ -123,11 +123,11 @@ def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
         signals = {0: ("scontrol", "requeue"), 1: ("scancel", "--signal=USR2")}
         sent: dict[int, int] = {}
         deadline = time.monotonic() + 300
-        while len(sent) < 2:  # interrupt each job once it is training beyond its first validation (step 50)
+        while len(sent) < 2:  # interrupt each job once it is training beyond its first validation (step 40)
             assert sweeper.poll() is None and time.monotonic() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
             for i, job in array_tasks(slurm, on_slurm).items():
                 step = _training_step(on_slurm / str(i))
-                if i not in sent and job["JobState"] == "RUNNING" and 60 <= step < 170:
+                if i not in sent and job["JobState"] == "RUNNING" and 50 <= step < 140:
                     slurm.run(*signals[i], f"{job['ArrayJobId']}_{i}")
                     sent[i] = step
             time.sleep(0.2)
@@ -149,7 +149,7 @@ def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
         resume = (run_dir / "resumes" / "1.yaml").read_text()
         assert "interrupted.ckpt" in resume and not (run_dir / "resumes" / "2.yaml").exists()
         stopped_at = int(resume.split("step: ")[1].split()[0])
-        assert sent[i] <= stopped_at < 200  # stopped at a step boundary after the signal, mid-training
+        assert sent[i] <= stopped_at < 160  # stopped at a step boundary after the signal, mid-training
         assert_same_run(run_dir, local / str(i))
         run_id = (run_dir / "wandb_id.txt").read_text().strip()  # one W&B run, written by both attempts
         assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
@@ -225,17 +225,17 @@ def test_ddp_job_gets_its_two_ranks_from_slurm(slurm, tmp_path):
 
 
 def test_optuna_workers_as_slurm_jobs_survive_a_cancelled_one(slurm, postgres_url, tmp_path):
-    """Two SLURM jobs (an array) each run a sweeper of one PostgreSQL study (n_trials=4) in one shared sweep folder,
+    """Two SLURM jobs (an array) each run a sweeper of one PostgreSQL study (n_trials=3) in one shared sweep folder,
     as workers on a cluster's shared file system. Worker 0 is cancelled (`scancel`) mid-trial: its trial's heartbeat
     stops, worker 1 fails it as stale and runs its retry, which continues the cancelled run from its checkpoint in its
-    folder. The study ends with exactly 4 complete trials, no parameters run twice, and the cancelled trial failed."""
+    folder. The study ends with exactly 3 complete trials, no parameters run twice, and the cancelled trial failed."""
     sweep = tmp_path / "search"
     study = f"slurm_{tmp_path.name}"[:60]
     worker = " ".join(train_command(
         "-m", *FAST, "eval.gd_steps=1", "eval.analysis=false", "hparams_search=linear_lr",
-        f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.n_trials=4",
+        f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.n_trials=3",
         "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4", "data.batch_size=64",
-        "trainer.max_steps=120", "trainer.val_check_interval=20", f"hydra.sweep.dir={sweep}"))
+        "trainer.max_steps=80", "trainer.val_check_interval=20", f"hydra.sweep.dir={sweep}"))
     array_id = slurm.run("sbatch", "--parsable", "--array=0-1", "-c", "1", f"--chdir={REPO}",
                          f"--output={tmp_path}/worker_%a.log", "--wrap", worker).stdout.strip()
     deadline = time.monotonic() + 400
@@ -254,7 +254,7 @@ def test_optuna_workers_as_slurm_jobs_survive_a_cancelled_one(slurm, postgres_ur
             run_dir = Path(t.user_attrs.get("run_dir", "/nonexistent"))
             if (t.state == TrialState.RUNNING and job0.get("JobState") == "RUNNING"
                     and t.user_attrs.get("slurm_job") == f"{array_id}_0"
-                    and (run_dir / "checkpoints" / "last.ckpt").is_file() and _training_step(run_dir) < 110):
+                    and (run_dir / "checkpoints" / "last.ckpt").is_file() and _training_step(run_dir) < 75):
                 slurm.run("scancel", f"{array_id}_0")
                 cancelled = t
                 break
@@ -266,8 +266,8 @@ def test_optuna_workers_as_slurm_jobs_survive_a_cancelled_one(slurm, postgres_ur
 
     trials = storage_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 4
-    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4  # no parameters run twice
+    assert len(complete) == 3
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3  # no parameters run twice
     (failed,) = [t for t in trials if t.state == TrialState.FAIL]
     assert failed.number == cancelled.number
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
@@ -275,6 +275,6 @@ def test_optuna_workers_as_slurm_jobs_survive_a_cancelled_one(slurm, postgres_ur
     assert retry.user_attrs["run_dir"] == failed.user_attrs["run_dir"]  # continued in the cancelled run's folder
     run_dir = Path(retry.user_attrs["run_dir"])
     assert (run_dir / "resumes" / "1.yaml").is_file()
-    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 120
-    assert len(trials) == 5 and {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL}
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 80
+    assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL}
 

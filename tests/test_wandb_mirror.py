@@ -21,7 +21,8 @@ def test_a_dead_wandb_service_does_not_stop_the_run(tmp_path):
     overrides = [o for o in FAST if not o.startswith(("logger=", "trainer.max_steps", "trainer.val_check"))]
     cmd = [sys.executable, "scripts/train.py", *overrides, "logger=wandb", "logger.mode=offline", "eval.gd_steps=1",
            "eval.analysis=false", "trainer.max_steps=300", "trainer.val_check_interval=50", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # its own service, not this process's
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while True:  # the W&B service is up and the run is training
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
