@@ -106,7 +106,7 @@ def _training_step(run_dir: Path) -> int:
 
 
 def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
-    """Two array jobs of 160 steps, W&B offline. Once each is past its first validation, job 0 is requeued by SLURM
+    """Two array jobs of 200 steps, W&B offline. Once each is past its first validation, job 0 is requeued by SLURM
     (`scontrol requeue`: SIGTERM, as a preemption) and job 1 gets its time-limit signal (USR2, what
     `--signal=USR2@signal_delay_s` sends before the limit), on which submitit requeues it. Each checkpoints at the end
     of its step, is requeued, restarts (SLURM_RESTART_COUNT=1) in the same run folder and W&B run, and ends with the
@@ -114,7 +114,7 @@ def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
     overrides = [o for o in FAST if not o.startswith(("logger=", "trainer.max_steps", "trainer.val_check",
                                                       "data.batch_size"))] + [
         "logger.mode=offline", "model.n_layers=2", "seed=0,1", "model.attention=linear", "eval.gd_steps=1",
-        "eval.analysis=false", "data.batch_size=128", "trainer.max_steps=160", "trainer.val_check_interval=40"]
+        "eval.analysis=false", "data.batch_size=128", "trainer.max_steps=200", "trainer.val_check_interval=40"]
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
     log = (tmp_path / "sweep.log").open("w")
     sweeper = subprocess.Popen(train_command(*SWEEP, *overrides, *SLURM, f"hydra.sweep.dir={on_slurm}"), cwd=REPO,
@@ -127,7 +127,7 @@ def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
             assert sweeper.poll() is None and time.monotonic() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
             for i, job in array_tasks(slurm, on_slurm).items():
                 step = _training_step(on_slurm / str(i))
-                if i not in sent and job["JobState"] == "RUNNING" and 50 <= step < 140:
+                if i not in sent and job["JobState"] == "RUNNING" and 50 <= step < 180:
                     slurm.run(*signals[i], f"{job['ArrayJobId']}_{i}")
                     sent[i] = step
             time.sleep(0.2)
@@ -149,7 +149,7 @@ def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
         resume = (run_dir / "resumes" / "1.yaml").read_text()
         assert "interrupted.ckpt" in resume and not (run_dir / "resumes" / "2.yaml").exists()
         stopped_at = int(resume.split("step: ")[1].split()[0])
-        assert sent[i] <= stopped_at < 160  # stopped at a step boundary after the signal, mid-training
+        assert sent[i] <= stopped_at < 200  # stopped at a step boundary after the signal, mid-training
         assert_same_run(run_dir, local / str(i))
         run_id = (run_dir / "wandb_id.txt").read_text().strip()  # one W&B run, written by both attempts
         assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
