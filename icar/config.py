@@ -367,9 +367,16 @@ def gpu_count() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+def slurm_gpus(accelerator: str, devices: int) -> int | None:
+    """GPUs per node a SLURM job asks for (hydra/launcher/slurm.yaml): one per device, none for a CPU run (a
+    `--gpus-per-node` on a cluster without GPUs is refused at submission)."""
+    return None if str(accelerator) == "cpu" else int(devices)
+
+
 def register_configs() -> None:
     """Register the schema (`train_schema`) with Hydra and the resolvers of conf/: `icar_run_dir`, `icar_run_root`,
-    `icar_launch_id` (train.yaml, sweeps/) and `icar_gpu_count` (hydra/launcher/gpus.yaml)."""
+    `icar_launch_id` (train.yaml, sweeps/), `icar_gpu_count` (hydra/launcher/gpus.yaml) and `icar_slurm_gpus`
+    (hydra/launcher/slurm.yaml)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -377,3 +384,4 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("icar_run_root", run_root_for, replace=True)
     OmegaConf.register_new_resolver("icar_launch_id", launch_id, replace=True)
     OmegaConf.register_new_resolver("icar_gpu_count", gpu_count, replace=True)
+    OmegaConf.register_new_resolver("icar_slurm_gpus", slurm_gpus, replace=True)

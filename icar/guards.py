@@ -4,8 +4,6 @@ being requeued). The one-line failures and the record of a failed run are in ica
 from __future__ import annotations
 
 import math
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,6 @@ from lightning.pytorch.callbacks import Callback
 from icar.failures import SIGTERM_EXIT, RunFailure
 
 __all__ = ["SIGTERM_EXIT", "RunFailure", "Diverged", "DivergenceGuard", "is_being_requeued", "finite_or_none"]
-_STARTED = time.time()
 
 
 class Diverged(RunFailure):
@@ -45,11 +42,11 @@ class DivergenceGuard(Callback):
 
 
 def is_being_requeued(run_dir: Path) -> bool:
-    """True when this SLURM job is being requeued: Lightning's auto-requeue handler saved `hpc_ckpt_*.ckpt` in the
-    run folder during this process (then ran `scontrol requeue`), so a SIGTERM is expected and is not a failure."""
-    if not os.environ.get("SLURM_JOB_ID"):
-        return False
-    return any(p.stat().st_mtime >= _STARTED for p in Path(run_dir).glob("hpc_ckpt_*.ckpt"))
+    """True when this SLURM job is being requeued: after its requeue signal the run wrote its checkpoint and asked
+    submitit to requeue it (`icar.slurm.RequeueOnSignal`), so the SIGTERM is expected and is not a failure."""
+    from icar.slurm import requeue_requested
+
+    return requeue_requested()
 
 
 def finite_or_none(value: float) -> float | None:

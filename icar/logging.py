@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from icar.config import ConfigError, LoggerConfig, LoggerKind, WandbMode
+from icar.wandb_mirror import MirrorWandbLogger, mirror
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config:
         if rank_zero_only.rank == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
-        wandb_logger = WandbLogger(
+        wandb_logger = MirrorWandbLogger(  # W&B failures (a job's SIGTERM kills its service) never stop the run
             project=cfg.project,
             entity=cfg.entity,
             group=cfg.group,
@@ -207,7 +208,7 @@ def log_curves(loggers: list[Logger], step: int, xs: list[int], curves: dict[str
             plot = wandb.plot.line_series(
                 xs=xs, ys=[curves[n].tolist() for n in names], keys=names, title=title, xname="position t"
             )
-            logger.experiment.log({title: plot, "trainer/global_step": step})
+            mirror(logger, logger.experiment.log, {title: plot, "trainer/global_step": step})
 
 
 def log_analysis(
@@ -228,6 +229,6 @@ def log_analysis(
                 for path in paths
                 if path.suffix == ".png"
             }
-            logger.experiment.log({**images, **scalars, "trainer/global_step": step})
+            mirror(logger, logger.experiment.log, {**images, **scalars, "trainer/global_step": step})
             if summary:
-                logger.experiment.summary.update(scalars)
+                mirror(logger, logger.experiment.summary.update, scalars)

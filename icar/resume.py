@@ -83,3 +83,10 @@ def truncate_metrics(run_dir: Path, global_step: int) -> int:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
     return len(lines) - len(kept)
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to continue a stopped run from: the newer of `interrupted.ckpt` (written when it was stopped
+    cleanly) and `last.ckpt` (its last validation), or None when it has neither."""
+    found = [p for p in (Path(run_dir) / "checkpoints" / n for n in ("interrupted.ckpt", "last.ckpt")) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None

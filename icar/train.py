@@ -53,6 +53,7 @@ from icar.logging import build_loggers, log_curves, sweep_context
 from icar.memory import check_memory
 from icar.models import build_model
 from icar.resume import check_resume, record_resume, truncate_metrics
+from icar.slurm import cluster_plugins, requeue_callbacks, requeued_checkpoint
 from icar.wandb_resume import complete_offline_history
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,7 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
         group, swept = sweep
         cfg.logger.group = cfg.logger.group or group
         cfg.logger.tags = [*cfg.logger.tags, *(f"{k}={v}"[:64] for k, v in swept.items())]
+    cfg.ckpt_path = cfg.ckpt_path or requeued_checkpoint(run_dir)  # a requeued SLURM job continues where it stopped
     config = to_plain_dict(cfg)
     resumed = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     diff = check_resume(dict(resumed["hyper_parameters"]), config, cfg.resume_override) if resumed else {}
@@ -290,6 +292,7 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
         *(callbacks or []),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/mse", mode="min", save_last=True),
         CheckpointOnInterrupt(ckpt_dir / "interrupted.ckpt"),
+        *requeue_callbacks(),  # after CheckpointOnInterrupt: requeue once the checkpoint is written
         ValidateAtEnd(),
         DivergenceGuard(),
     ]
@@ -325,7 +328,7 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
             use_distributed_sampler=False,  # the DataModule shards validation itself, without padding
             default_root_dir=str(run_dir),
             enable_model_summary=False,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         )
         wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
         if rank_zero_only.rank == 0:
@@ -359,7 +362,10 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
             if wandb_loggers and rank_zero_only.rank == 0:
                 import wandb
 
-                wandb.finish()  # one W&B run per Hydra job: the next job must not log into this one
+                try:
+                    wandb.finish()  # one W&B run per Hydra job: the next job must not log into this one
+                except Exception as err:  # its service is gone: SLURM signals every process of a job, wandb-core too
+                    log.warning(f"W&B run not finished cleanly ({type(err).__name__}: {err}); metrics.jsonl is complete")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
     if analysis is not None and analysis.result is not None:

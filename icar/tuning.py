@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from lightning.pytorch.callbacks import Callback
 
 if TYPE_CHECKING:
     import optuna
+
+log = logging.getLogger(__name__)
 
 STUDY_FILE_ENV = "ICAR_OPTUNA_STUDY_FILE"
 TRIAL_ID_ENV = "ICAR_OPTUNA_TRIAL_ID"
@@ -194,6 +197,71 @@ def exclusive_ask(url: str, study_name: str) -> Iterator[None]:
         yield
 
 
+def build_storage(url: str, heartbeat_interval: int | None, grace_period: int | None,
+                  max_retry: int) -> "optuna.storages.RDBStorage":
+    """The study's RDB storage with Optuna's heartbeat: a RUNNING trial whose worker has not recorded a heartbeat for
+    `grace_period` seconds is failed by `optuna.storages.fail_stale_trials` and retried up to `max_retry` times as a
+    WAITING copy (same parameters), which the next `ask` of any worker takes."""
+    import warnings
+
+    import optuna
+
+    if heartbeat_interval is None:
+        return optuna.storages.RDBStorage(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=max_retry, inherit_intermediate_values=True))
+
+
+@contextlib.contextmanager
+def heartbeat(storage: Any, trial_ids: list[int]) -> Iterator[None]:
+    """Record a heartbeat for each of `trial_ids` now and every heartbeat interval until the block ends (a daemon
+    thread: a worker that dies, however, stops beating and its trials go stale)."""
+    import threading
+
+    interval = getattr(storage, "heartbeat_interval", None)
+    if interval is None or not trial_ids:
+        yield
+        return
+    for trial_id in trial_ids:
+        storage.record_heartbeat(trial_id)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            for trial_id in trial_ids:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as err:  # a database hiccup: the next beat tries again
+                    log.warning(f"heartbeat of trial id {trial_id} failed: {err}")
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def retried_numbers(trials: list["optuna.trial.FrozenTrial"]) -> set[int]:
+    """Numbers of the stale trials that have been retried (they do not count towards n_trials: their retry does)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def trials_to_ask(trials: list["optuna.trial.FrozenTrial"], n_trials: int, n_jobs: int) -> int:
+    """How many trials a worker asks next: the retries waiting to run, then new ones up to the study's n_trials
+    (a retried stale trial is not counted, its retry is), at most n_jobs."""
+    from optuna.trial import TrialState
+
+    counted = [t for t in trials if t.number not in retried_numbers(trials)]
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    return min(n_jobs, waiting + max(0, n_trials - len(counted)))
+
+
 def hide_password(url: str) -> str:
     """A storage URL fit for logs."""
     if "://" not in url or url.startswith("sqlite"):
@@ -230,22 +298,47 @@ class OptunaPruning(Callback):
 
 
 def write_study_file(path: Path, url: str, study_name: str, pruner: str, pruner_kwargs: dict[str, Any],
-                     monitor: str) -> None:
+                     monitor: str, heartbeat_interval: int | None = None) -> None:
     path.write_text(json.dumps({"storage": url, "study_name": study_name, "pruner": pruner,
-                                "pruner_kwargs": pruner_kwargs, "monitor": monitor}, indent=2) + "\n")
+                                "pruner_kwargs": pruner_kwargs, "monitor": monitor,
+                                "heartbeat_interval": heartbeat_interval}, indent=2) + "\n")
     path.chmod(0o600)  # the storage URL may hold a database password
 
 
+class TrialHeartbeat(Callback):
+    """The job keeps its own trial's heartbeat while it trains: under submitit its SLURM job outlives a sweeper that
+    dies, and its trial must not be retried while it still runs."""
+
+    def __init__(self, storage: Any, trial_id: int) -> None:
+        self.storage, self.trial_id = storage, trial_id
+        self._beat: contextlib.ExitStack | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._beat = contextlib.ExitStack()
+            self._beat.enter_context(heartbeat(self.storage, [self.trial_id]))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._beat is not None:
+            self._beat.close()
+            self._beat = None
+
+
 def trial_callbacks() -> list[Callback]:
-    """The pruning callback when this process runs an Optuna trial of the icar sweeper; nothing otherwise."""
+    """When this process runs an Optuna trial of the icar sweeper: its heartbeat, and the pruning callback unless the
+    pruner is none; nothing otherwise."""
     study_file, trial_id = os.environ.get(STUDY_FILE_ENV), os.environ.get(TRIAL_ID_ENV)
     if not study_file or not trial_id:
         return []
     import optuna
 
     spec = json.loads(Path(study_file).read_text())
-    if spec["pruner"] == "none":
-        return []
-    study = optuna.load_study(study_name=spec["study_name"], storage=spec["storage"],
-                              pruner=build_pruner(spec["pruner"], **spec["pruner_kwargs"]))
-    return [OptunaPruning(optuna.Trial(study, int(trial_id)), spec["monitor"])]
+    callbacks: list[Callback] = []
+    if spec.get("heartbeat_interval"):
+        storage = build_storage(spec["storage"], spec["heartbeat_interval"], None, 0)
+        callbacks.append(TrialHeartbeat(storage, int(trial_id)))
+    if spec["pruner"] != "none":
+        study = optuna.load_study(study_name=spec["study_name"], storage=spec["storage"],
+                                  pruner=build_pruner(spec["pruner"], **spec["pruner_kwargs"]))
+        callbacks.append(OptunaPruning(optuna.Trial(study, int(trial_id)), spec["monitor"]))
+    return callbacks

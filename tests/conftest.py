@@ -1,4 +1,5 @@
-"""Shared fixtures: compose configs from conf/ the way scripts/train.py does, and keep W&B off the network."""
+"""Shared fixtures: compose configs from conf/ the way scripts/train.py does, keep W&B off the network, and the
+throwaway PostgreSQL server and SLURM cluster."""
 
 from __future__ import annotations
 
@@ -66,3 +67,23 @@ def postgres_url():
         pytest.skip(missing)
     with postgres_server() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A throwaway single-node SLURM cluster started for the session (tests/slurm.py): a `SlurmCluster` whose `env`
+    points clients and jobs at it. Skipped where SLURM or munge is not installed, unless ICAR_REQUIRE_SLURM=1 (CI),
+    where it fails."""
+    from tests.slurm import SlurmUnavailable, find_binaries, require_slurm, slurm_cluster
+
+    try:
+        find_binaries()
+        missing = None
+    except SlurmUnavailable as e:
+        missing = str(e)
+    if missing and require_slurm():
+        pytest.fail(f"{missing} (ICAR_REQUIRE_SLURM=1, so not skipped)", pytrace=False)
+    if missing:
+        pytest.skip(missing)
+    with slurm_cluster() as cluster:
+        yield cluster

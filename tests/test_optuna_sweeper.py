@@ -4,6 +4,7 @@ PostgreSQL study; and the search-space grammar."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -35,24 +36,45 @@ def sqlite_study(sweep_dir: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
 
 
-def test_study_resumes_after_the_sweeper_is_killed(tmp_path):
-    """4 trials on SQLite; the sweeper is killed (SIGKILL) once 2 are complete and the third is running; the same
-    command again ends with exactly 4 trials, numbered 0..3, all complete, each with its run folder: the trial
-    left running is run again under its own number, and n_trials counts the study's total."""
+def _wait_for_trials(proc, log: Path, sweep: Path, study: str, storage: str | None, until, timeout: float = 300):
+    """Poll the study until `until(trials)` is true, while the sweeper `proc` runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            trials = optuna.load_study(study_name=study, storage=storage or f"sqlite:///{sweep / 'optuna.db'}").get_trials()
+        except Exception:  # the study or its database does not exist yet
+            trials = []
+        if until(trials):
+            return trials
+        time.sleep(0.05)
+
+
+def _running_with_checkpoint(trials):
+    """A RUNNING trial past its first validation (its last.ckpt written), not yet at its end."""
+    for t in trials:
+        run_dir = Path(t.user_attrs.get("run_dir", "/nonexistent"))
+        if t.state == TrialState.RUNNING and (run_dir / "checkpoints" / "last.ckpt").is_file() \
+                and not (run_dir / "summary.json").exists():
+            return t
+    return None
+
+
+HEARTBEAT = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
+
+
+def test_study_recovers_after_the_sweeper_is_killed(tmp_path):
+    """4 trials on SQLite; the sweeper is killed (SIGKILL) once 2 are complete and the third is past a checkpoint;
+    the same command again ends with exactly 4 complete trials: the killed trial's heartbeat stops, so the new sweeper
+    fails it as stale (after the grace period) and runs its retry, which has the same parameters and continues the
+    killed run from its checkpoint in its folder; n_trials counts the retry, not the stale trial."""
     sweep = tmp_path / "search"
-    overrides = ("hparams_search=linear_lr", "hydra.sweeper.n_trials=4", "trainer.max_steps=30",
-                 "trainer.val_check_interval=10")
+    overrides = ("hparams_search=linear_lr", "hydra.sweeper.n_trials=4",  # 80 steps: below the pruner's warm-up
+                 "trainer.max_steps=80", "trainer.val_check_interval=20", *HEARTBEAT)
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen(sweep_command(sweep, *overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        states: list = []
-        while states.count(TrialState.COMPLETE) < 2 or TrialState.RUNNING not in states:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.1)
-            try:
-                states = [t.state for t in sqlite_study(sweep, "search_linear_lr").get_trials()]
-            except Exception:  # the study or its database does not exist yet
-                continue
+        _wait_for_trials(proc, tmp_path / "first.log", sweep, "search_linear_lr", None,
+                         lambda ts: sum(t.state == TrialState.COMPLETE for t in ts) == 2 and _running_with_checkpoint(ts))
         proc.kill()
         proc.wait()
     killed = sqlite_study(sweep, "search_linear_lr").get_trials()
@@ -60,20 +82,21 @@ def test_study_resumes_after_the_sweeper_is_killed(tmp_path):
 
     run_sweep(sweep, *overrides)
     trials = sqlite_study(sweep, "search_linear_lr").get_trials()
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state) for t in trials]
-    for t in killed:  # finished trials keep their result; the one left running was run again, same params
-        same = trials[t.number]
-        assert same.params == t.params
-        if t.state == TrialState.COMPLETE:
-            assert same.value == t.value
-    assert len({t.params["optim.lr"] for t in trials}) == 4  # the resumed sampler does not replay the first proposals
-    for t in trials:
-        assert (sweep / f"trial_{t.number}" / "summary.json").is_file()
-        assert t.user_attrs["run_dir"] == str(sweep / f"trial_{t.number}")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and len(trials) == 5
+    assert trials[2].state == TrialState.FAIL  # the killed trial, failed as stale
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 2]
+    assert retry.state == TrialState.COMPLETE and retry.params == killed[2].params
+    assert retry.user_attrs["run_dir"] == str(sweep / "trial_2")  # continued in the killed run's folder
+    assert (sweep / "trial_2" / "resumes" / "1.yaml").is_file() and not (sweep / f"trial_{retry.number}").exists()
+    for t in killed[:2]:  # finished trials keep their result
+        assert trials[t.number].value == t.value
+    assert len({t.params["optim.lr"] for t in complete}) == 4  # the resumed sampler does not replay the first proposals
+    for t in complete:
+        assert json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())["global_step"] == 80
         assert 1e-4 <= t.params["optim.lr"] <= 1e-1 and t.params["optim.schedule"] in ("constant", "cosine")
     results = (sweep / "optuna_results.yaml").read_text()
-    assert "n_trials: 4" in results and "best_params" in results
+    assert "n_trials: 5" in results and "best_params" in results and "FAIL: 1" in results
 
 
 def test_a_raising_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
@@ -130,6 +153,66 @@ def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url):
     run_dirs = sorted(p.name for i in range(2) for p in (tmp_path / f"worker{i}").glob("trial_*"))
     assert run_dirs == ["trial_0", "trial_1", "trial_2", "trial_3"]  # each trial ran once, in one worker
     assert len({t.user_attrs["sweeper"] for t in trials}) == 2  # both workers took trials
+
+
+def test_a_sigkilled_workers_trial_is_retried_by_another_worker(tmp_path, postgres_url):
+    """Two local workers of one PostgreSQL study (n_trials=4), each in its own folder as on two machines; worker 0 is
+    SIGKILLed mid-trial. Its trial's heartbeat stops: worker 1 fails it as stale and runs its retry (same
+    parameters; from scratch, the killed worker's folder being out of its reach), and the study ends with exactly 4
+    complete trials, none run twice, and the killed one failed."""
+    study = f"killed_{tmp_path.name}"[:60]
+    overrides = ("hparams_search=linear_lr", f"hydra.sweeper.study_name={study}",
+                 f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.n_trials=4", "trainer.max_steps=80",
+                 "trainer.val_check_interval=20", *HEARTBEAT)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    with logs[0].open("w") as log0, logs[1].open("w") as log1:
+        workers = [subprocess.Popen(sweep_command(tmp_path / f"worker{i}", *overrides), cwd=REPO, stdout=log,
+                                    stderr=subprocess.STDOUT) for i, log in enumerate((log0, log1))]
+        pid0 = f":{workers[0].pid}"
+        killed = _wait_for_trials(workers[0], logs[0], tmp_path, study, postgres_url, lambda ts: next(
+            (t for t in ts if t.user_attrs.get("sweeper", "").endswith(pid0) and _running_with_checkpoint([t])),
+            None))
+        (victim,) = [t for t in killed if t.state == TrialState.RUNNING and t.user_attrs["sweeper"].endswith(pid0)]
+        workers[0].kill()
+        workers[0].wait()
+        assert workers[1].wait(timeout=600) == 0, logs[1].read_text()[-3000:]
+    trials = optuna.load_study(study_name=study, storage=postgres_url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and len(trials) == 5
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4  # no parameters run twice
+    (failed,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed.number == victim.number
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert retry.user_attrs["run_dir"] == str(tmp_path / "worker1" / f"trial_{retry.number}")
+    assert not (Path(retry.user_attrs["run_dir"]) / "resumes").exists()  # started afresh in worker 1's folder
+
+
+def test_a_stale_trial_whose_run_finished_is_told_from_its_summary(tmp_path):
+    """A trial left RUNNING whose run had nonetheless finished (its sweeper died while its job ran on, as a submitit
+    job does on SLURM): once stale, its retry is told the run's val/mse from summary.json instead of training again."""
+    from omegaconf import OmegaConf
+
+    from icar.tuning import build_storage, parse_search_space
+
+    sweep = tmp_path / "search"
+    (sweep / "trial_0").mkdir(parents=True)
+    (sweep / "trial_0" / "summary.json").write_text(json.dumps({"val/mse": 0.5, "global_step": 4.0}))
+    storage = build_storage(f"sqlite:///{sweep / 'optuna.db'}", 1, 1, 3)
+    study = optuna.create_study(study_name="search_linear_lr", storage=storage)
+    preset = OmegaConf.load(REPO / "conf" / "hparams_search" / "linear_lr.yaml").hydra.sweeper.params
+    orphan = study.ask(parse_search_space(dict(preset), []).distributions)
+    orphan.set_user_attr("run_dir", str(sweep / "trial_0"))
+    orphan.set_user_attr("heartbeat_interval", 1)
+    storage.record_heartbeat(orphan._trial_id)
+    time.sleep(2.5)  # older than the grace period
+
+    run_sweep(sweep, "hparams_search=linear_lr", "hydra.sweeper.n_trials=1", *HEARTBEAT)
+    first, retry = sqlite_study(sweep, "search_linear_lr").get_trials()
+    assert first.state == TrialState.FAIL and retry.system_attrs["failed_trial"] == 0
+    assert retry.state == TrialState.COMPLETE and retry.value == 0.5 and retry.params == first.params
+    assert sorted(p.name for p in sweep.glob("trial_*")) == ["trial_0"]  # nothing trained again
+    assert not (sweep / "trial_0" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -123,13 +123,16 @@ def test_joblib_launcher_runs_two_jobs_at_once(tmp_path):
 
 
 def test_cluster_and_gpu_launcher_configs_compose():
-    """hydra/launcher=slurm (submitit) asks one task and one GPU per device of the run; hydra/launcher=gpus is
-    joblib with one job per visible GPU."""
+    """hydra/launcher=slurm (submitit) asks one task and one GPU per device of the run (no GPU for a CPU run);
+    hydra/launcher=gpus is joblib with one job per visible GPU."""
     cfg = compose_sweep("depth", "hydra/launcher=slurm", "trainer.devices=4", "hydra.launcher.partition=gpu")
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes, launcher.partition) == (4, 4, 1, "gpu")
     assert launcher.submitit_folder.startswith("multirun/sweep_depth/")
+    assert launcher.max_num_timeout == 3  # the plugin's default 0 would never requeue a job at its time limit
+    cpu = compose_sweep("depth", "hydra/launcher=slurm", "trainer.devices=2", "trainer.accelerator=cpu").hydra.launcher
+    assert (cpu.tasks_per_node, cpu.gpus_per_node) == (2, None)  # CPU ranks ask no GPUs
     cfg = compose_sweep("heads", "hydra/launcher=gpus")
     assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert cfg.hydra.launcher.n_jobs == gpu_count() >= 1

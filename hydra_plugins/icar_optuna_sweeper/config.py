@@ -33,6 +33,13 @@ class IcarOptunaSweeperConf:
     pruner: PrunerName = PrunerName.none
     pruner_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {n_startup_trials: 2, n_warmup_steps: 200}
     params: Optional[Dict[str, str]] = None  # key -> override grammar: choice(...), range(...), interval(...), tag(log, ...)
+    # A worker records a heartbeat for each trial it runs every heartbeat_interval seconds (Optuna's RDB heartbeat);
+    # a running trial without one for grace_period seconds (null: 2 x heartbeat_interval) is stale: its worker died.
+    # It is then failed and retried, up to max_retry times, as a new trial with the same parameters that continues
+    # from the stale trial's checkpoint. null heartbeat_interval: no heartbeats, a dead worker's trial stays RUNNING.
+    heartbeat_interval: Optional[int] = 60
+    grace_period: Optional[int] = None
+    max_retry: int = 3
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="icar_optuna", node=IcarOptunaSweeperConf,
