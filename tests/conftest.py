@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -50,21 +51,23 @@ def make_cfg(tmp_path: Path):
     return make
 
 
+def skip_or_fail_without(find: Callable[[], object], unavailable: type[Exception], required: bool, switch: str) -> None:
+    """Skip where a server's binaries are missing (`find` raises `unavailable`), or fail where `switch`=1 (CI)."""
+    try:
+        find()
+    except unavailable as e:
+        if required:
+            pytest.fail(f"{e} ({switch}=1, so not skipped)", pytrace=False)
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """SQLAlchemy URL of a throwaway PostgreSQL server started for the session (tests/postgres.py).
     Skipped where PostgreSQL is not installed, unless ICAR_REQUIRE_POSTGRES=1 (CI), where it fails."""
     from tests.postgres import PostgresUnavailable, find_bindir, postgres_server, require_postgres
 
-    try:
-        find_bindir()
-        missing = None
-    except PostgresUnavailable as e:
-        missing = str(e)
-    if missing and require_postgres():
-        pytest.fail(f"{missing} (ICAR_REQUIRE_POSTGRES=1, so not skipped)", pytrace=False)
-    if missing:
-        pytest.skip(missing)
+    skip_or_fail_without(find_bindir, PostgresUnavailable, require_postgres(), "ICAR_REQUIRE_POSTGRES")
     with postgres_server() as server:
         yield server.url
 
@@ -76,14 +79,6 @@ def slurm():
     where it fails."""
     from tests.slurm import SlurmUnavailable, find_binaries, require_slurm, slurm_cluster
 
-    try:
-        find_binaries()
-        missing = None
-    except SlurmUnavailable as e:
-        missing = str(e)
-    if missing and require_slurm():
-        pytest.fail(f"{missing} (ICAR_REQUIRE_SLURM=1, so not skipped)", pytrace=False)
-    if missing:
-        pytest.skip(missing)
+    skip_or_fail_without(find_binaries, SlurmUnavailable, require_slurm(), "ICAR_REQUIRE_SLURM")
     with slurm_cluster() as cluster:
         yield cluster
