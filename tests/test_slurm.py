@@ -214,7 +214,9 @@ def test_ddp_job_gets_its_two_ranks_from_slurm(slurm, tmp_path):
     (job_id,) = [j["JobId"] for j in slurm.jobs() if (sweep / ".submitit" / j["JobId"]).is_dir()]
     job = slurm.wait_ended(job_id)
     assert job["JobState"] == "COMPLETED" and job["NumTasks"] == "2"
-    logs = {int(p.name.split("_")[-2]): p.read_text() for p in (sweep / ".submitit" / job["JobId"]).glob("*_log.err")}
+    folder = sweep / ".submitit" / job["JobId"]
+    logs = {int(p.name.split("_")[-2]): p.read_text() + p.with_suffix(".out").read_text()  # Lightning logs via Hydra
+            for p in folder.glob("*_log.err")}
     assert sorted(logs) == [0, 1]  # one log per SLURM task
     for rank, text in logs.items():
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in text
