@@ -64,8 +64,8 @@ class Positional(str, Enum):
 class Kernel(str, Enum):
     """How a Transformer layer evaluates attention (icar/models/transformer.py); all give the same numbers."""
 
-    auto = "auto"  # the token-space kernel where it applies and its cost model says it is cheaper, else dense
-    fast = "fast"  # the token-space kernel wherever it applies (linear scores, first layer), else dense
+    auto = "auto"  # of the evaluations that apply, the one with the fewest forward FLOPs (choose_path)
+    fast = "fast"  # a first layer: token-space (linear scores) or coordinates (softmax); later layers dense
     explicit = "explicit"  # the reference: the full (B, H, T, T) weights, token weights times positional weights
 
 

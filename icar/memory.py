@@ -5,7 +5,9 @@ The estimate is a rough upper bound: the sizes of the tensors that grow with the
 step keeps alive, as measured on this code (the peak resident memory of a step, with the allocator keeping freed
 memory as training does; tests/test_memory.py checks that it bounds a measured step within a factor of 2.5):
   attention, per layer (training): 2.75 (linear scores) or 5.5 (softmax scores times positional weights) tensors of
-    (B, H, T, T) (3 for softmax scores in a first layer's coordinates: icar.models.transformer.choose_path); none for PyTorch's fused causal softmax (no positional weights); the token-space kernel of a first
+    (B, H, T, T) (3 for softmax scores in a first layer's coordinates), none for PyTorch's fused causal softmax
+    (no positional weights, model.kernel other than explicit; icar.models.transformer.choose_path); the token-space
+    kernel of a first
     linear layer (model.kernel) keeps 3 batch-independent (T P, T r D) tensors instead, P = r (r + 1) / 2; the
     diagonal model 5 of (B, H, T, T);
   the residual stream, per layer: 10 tensors of (B, T, H dh + d_model);
@@ -105,17 +107,16 @@ def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
             est.persistent.append(Part("positional matrices P (T, T)", 4 * L * T * T * f, mask_keys))
         elif m.positional == Positional.softmax_positional:  # (H, T, T) weights every step, saved and their gradient
             est.train.append(Part("positional weights (H, T, T)", 3 * L * H * T * T * f, mask_keys + f" x model.n_heads={H}"))
-        fused = m.attention == Attention.softmax and m.positional in (Positional.none, Positional.additive)
         per_tensor = B * H * T * T * f
         # a first layer's token coordinates (augmented tokens drop their zero block), and a constant one for biases
         r = (width * 2 // 3 if dt.tokens == Tokens.augmented else width) + int(m.bias)
         pairs = r * (r + 1) // 2
         paths = [choose_path(m.attention, m.positional, m.kernel, r if i == 0 else None, H, T, dh, D) for i in range(L)]
-        dense_layers = [i for i, path in enumerate(paths) if path != AttentionPath.token_space]
+        dense_layers = [i for i, path in enumerate(paths) if path not in (AttentionPath.token_space, AttentionPath.fused)]
         if len(dense_layers) < L:
             est.train.append(Part("token-space kernel (T P, T r D)", 3 * T * pairs * T * r * D * f,
                                   f"data.T={T}^2 x {pairs * r * D} (model.kernel={m.kernel.value}, first layer)"))
-        if not fused and dense_layers:
+        if dense_layers:
             softmax = m.attention == Attention.softmax  # the coordinate kernel keeps fewer softmax intermediates
             c = sum((3.0 if paths[i] == AttentionPath.coordinates else 5.5) if softmax else 2.75 for i in dense_layers)
             est.train.append(Part("(B, H, T, T) attention", c * per_tensor, attn_keys))

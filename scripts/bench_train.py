@@ -4,7 +4,8 @@ For each configuration it measures, in one process and on one device:
   1. sequences/s through the real Lightning path: `icar.train.run(cfg)` itself (ICARModule, ARDataModule, the
      callbacks and the JSONL logger it builds), with a timing callback passed to it;
   2. the share of a training step spent waiting for its batch (the time spent in the stream's `next`; on CPU the
-     stream draws the next batch in a background thread during the step), and the cost of drawing one:
+     stream draws the next batch in a background thread during the step; on CUDA it is the time to queue the
+     sampler's kernels, which then run on the training stream), and the cost of drawing one:
      `SequenceStream.batch(step)` alone, same batch size, same device, divided by the Lightning step time;
   3. a plain torch loop over the same model, data, loss, optimiser and scheduler (ICARModule used without a
      Trainer: `predict_sequences`, `squared_error`, `configure_optimizers`), and Lightning's overhead as
@@ -114,25 +115,34 @@ class NullTerminal(io.TextIOBase):
 
 
 class ValidationTimer(pl.Callback):
-    """Wall seconds of each validation pass that is not Lightning's sanity check."""
+    """Wall seconds of each validation pass that is not Lightning's sanity check, with the checkpoints written after
+    it: from the start of the pass to the next training step (or the end of training)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
-        self._start = 0.0
+        self._start: float | None = None
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
+            self._start = time.perf_counter()
+
+    def _close(self) -> None:
+        if self._start is not None:
             self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._close()
+
+    def on_train_end(self, *args: Any) -> None:
+        self._close()
 
 
 class Contender:
-    """A step timed beside the Lightning run: `warmup` untimed steps, then `per_chunk` timed steps between each pair
-    of its chunks, so that both see the same load on a shared machine."""
+    """A step timed beside the Lightning run: `warmup` untimed steps, then a timed chunk after each of Lightning's
+    (as many steps as that chunk, or `per_chunk`), so that both see the same load on a shared machine."""
 
-    def __init__(self, name: str, step: Callable[[int], None], warmup: int, per_chunk: int) -> None:
+    def __init__(self, name: str, step: Callable[[int], None], warmup: int, per_chunk: int | None = None) -> None:
         self.name, self.step, self.warmup, self.per_chunk = name, step, warmup, per_chunk
         self.done = 0
         self.secs: list[float] = []
@@ -208,7 +218,8 @@ class Interleaved(pl.Callback):
         if self.done == self.bounds[-1] and isinstance(outputs, dict) and "loss" in outputs:
             self.last_loss = float(outputs["loss"])
         for c in self.contenders:
-            c.run(c.warmup if i == 0 else c.per_chunk, self.device, timed=i > 0)
+            n = c.warmup if i == 0 else c.per_chunk or self.done - self.bounds[i - 1]
+            c.run(n, self.device, timed=i > 0)
         if self.wait is not None:
             self._waited = len(self.wait.seconds)  # Lightning fetches one batch ahead: waits of this chunk's steps
         self._start = clock()
@@ -456,13 +467,11 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, tmp:
           f"{warmup} warm-up + {steps} timed steps in {len(bounds) - 1} chunks", flush=True)
 
     load_before = os.getloadavg()[0]
-    chunks = len(bounds) - 1
     plain = PlainLoop(cfg, device)
-    contenders = [Contender("plain", plain.step, warmup, steps // chunks),
-                  Contender("sampling", sampling_step(cfg, device), warmup, steps // chunks)]
+    contenders = [Contender("plain", plain.step, warmup), Contender("sampling", sampling_step(cfg, device), warmup)]
     authors = None if args.no_authors else authors_step(cfg, device)
     if authors is not None:
-        a_warmup, a_chunk = AUTHORS_STEPS.get(name.split(":")[0], (warmup, steps // chunks))
+        a_warmup, a_chunk = AUTHORS_STEPS.get(name.split(":")[0], (warmup, None))
         contenders.append(Contender("authors", authors, a_warmup, a_chunk))
     t = time.perf_counter()
     (light, light_cores), light_loss, val_passes, waits = bench_lightning(cfg, bounds, device, contenders)
@@ -481,7 +490,9 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, tmp:
 
     light_s, plain_s, sample_s = median(light), median(plain_times), median(sample)
     # validation per step over the config's own run: the first pass (with the baselines), then the later ones
-    first_val, later_val = (val_passes + [0.0, 0.0])[:2] if len(val_passes) >= 2 else (0.0, 0.0)
+    if len(val_passes) < 2:
+        raise RuntimeError(f"expected 2 validation passes after the timed steps, saw {len(val_passes)}")
+    first_val, later_val = val_passes[:2]
     n_val = max(1, -(-run_steps // val_interval))  # every val_check_interval steps and after the last
     val_s = (first_val + (n_val - 1) * later_val) / run_steps
     row = {

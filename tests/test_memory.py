@@ -111,3 +111,13 @@ def test_gpu_runs_are_checked_against_their_own_gpu(monkeypatch):
     assert asked == [1]
     check_memory(config("data.T=2000", "model.n_heads=4", "trainer.accelerator=gpu", "trainer.strategy=ddp_fork"))
     assert asked == [1]
+
+
+def test_explicit_softmax_counts_the_weights_the_fused_kernel_never_builds():
+    """model.kernel=explicit builds the (B, H, T, T) softmax weights that scaled_dot_product_attention avoids."""
+    fused = estimate_memory(config("model.attention=softmax", "model.positional=none", "data.T=256"))
+    explicit = estimate_memory(config("model.attention=softmax", "model.positional=none", "data.T=256",
+                                      "model.kernel=explicit"))
+    names = {p.name for p in explicit.train}
+    assert "(B, H, T, T) attention" in names and "(B, H, T, T) attention" not in {p.name for p in fused.train}
+    assert explicit.total(explicit.train) > fused.total(fused.train)

@@ -173,11 +173,15 @@ class MultiHeadAttention(nn.Module):
         return choose_path(self.kind, self.positional, self.kernel, r, self.n_heads, T, self.head_dim,
                            self.out.out_features)
 
+    def reads_token_coords(self) -> bool:
+        """Whether a first layer's token coordinates can change how this layer is evaluated (else not built)."""
+        return self.path(None, 1) == AttentionPath.dense and self.positional != Positional.additive
+
     def uses_token_space(self, coords: TokenCoords | None, T: int) -> bool:
         """Whether `forward` evaluates this layer with the token-space kernel."""
         return self.path(coords, T) == AttentionPath.token_space
 
-    def _coordinate_maps(self, coords: TokenCoords) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _coordinate_maps(self, coords: TokenCoords) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's projections composed with the tokens' basis: s (B, T, r) with a constant-1 coordinate where
         biases or an offset need it, and A (3, H, dh, r), the query, key and value maps of those coordinates."""
         H, dh = self.n_heads, self.head_dim
@@ -358,5 +362,5 @@ class Transformer(nn.Module):
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(e)  # (B, T, d_model)
         for i, block in enumerate(self.blocks):
-            x = block(x, self.token_coords(e) if i == 0 else None)
+            x = block(x, self.token_coords(e) if i == 0 and block.attn.reads_token_coords() else None)
         return self.read_out(x)  # (B, T, out_dim)
