@@ -113,7 +113,7 @@ def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
         pairs = r * (r + 1) // 2
         paths = [choose_path(m.attention, m.positional, m.kernel, r if i == 0 else None, H, T, dh, D) for i in range(L)]
         dense_layers = [i for i, path in enumerate(paths) if path not in (AttentionPath.token_space, AttentionPath.fused)]
-        if len(dense_layers) < L:
+        if AttentionPath.token_space in paths:
             est.train.append(Part("token-space kernel (T P, T r D)", 3 * T * pairs * T * r * D * f,
                                   f"data.T={T}^2 x {pairs * r * D} (model.kernel={m.kernel.value}, first layer)"))
         if dense_layers:
