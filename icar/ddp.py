@@ -44,8 +44,9 @@ def ddp_strategy(name: str, n_ranks: int, timeout_s: float) -> str | Strategy:
 
 
 def is_collective_failure(err: BaseException) -> bool:
-    """A collective that timed out or lost its peer (gloo: 'Timed out waiting', 'Connection closed by peer')."""
-    return isinstance(err, torch.distributed.DistBackendError) or (
+    """A collective or the rendezvous store that timed out or lost its peer (gloo: 'Timed out waiting', 'Connection
+    closed by peer'; the TCP store: DistStoreError)."""
+    return isinstance(err, torch.distributed.DistError) or (
         isinstance(err, RuntimeError) and any(s in str(err) for s in ("Gloo", "gloo", "Connection closed by peer",
                                                                       "Connection reset by peer", "NCCL")))
 

@@ -352,9 +352,10 @@ def _train(cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None) ->
                                         "diverged_value": str(err.value), "global_step": trainer.global_step})
             raise
         except Exception as err:
+            if trainer.world_size > 1:  # this rank is ending: the ranks it started (frozen or stuck) must not outlive
+                kill_child_ranks(trainer)  # it, holding its output pipes open
             if not (trainer.world_size > 1 and is_collective_failure(err)):
                 raise
-            kill_child_ranks(trainer)  # frozen or stuck with this rank: they would outlive it
             saved = trainer.is_global_zero and (ckpt_dir / "interrupted.ckpt").exists()  # by CheckpointOnInterrupt
             raise collective_failure(err, trainer, t.ddp_timeout_s,
                                      ckpt_dir / ("interrupted.ckpt" if saved else "last.ckpt")) from None
