@@ -1,8 +1,9 @@
-"""Typed configuration: one dataclass per component, used as the Hydra schema and by `icar.train.run`.
+"""Typed configuration: one dataclass per component, the Hydra schema (icar.orchestration.hydra_config) and the
+defaults, in this one place (the YAML files under conf/ carry only what differs from them).
 
 A misspelt key or a wrong type fails when the config is composed (OmegaConf struct mode); `validate` then
 checks the values, so that a bad run stops before training with one line naming the key and what is allowed.
-Model and data code receive these dataclasses and never import Hydra.
+Model and data code receive these dataclasses and never import Hydra or OmegaConf.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
 
 
 class Family(str, Enum):
@@ -213,19 +213,6 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def to_dataclass(cfg: DictConfig | TrainConfig | dict[str, Any]) -> TrainConfig:
-    """Merge `cfg` onto the schema (type-checking every key) and return a `TrainConfig` object."""
-    if isinstance(cfg, TrainConfig):
-        return cfg
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
-
-
-def to_plain_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved config as plain Python values (enums as strings): what W&B and config.yaml record."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore
-
-
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # lightning.fabric.plugins.precision.precision._PRECISION_INPUT_STR(_ALIAS) (Lightning 2.6), listed here so that validate needs no Lightning
 PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine",
@@ -330,58 +317,3 @@ def validate(cfg: TrainConfig) -> None:
     )
     if cfg.ckpt_path is not None:
         _require(os.path.isfile(cfg.ckpt_path), f"ckpt_path={cfg.ckpt_path} does not exist or is not a file")
-
-
-def launch_id() -> str:
-    """This launch's id, shared by the processes it starts (DDP ranks, sweep workers inherit the environment): it
-    makes folders named to the second unique when two launches start in the same second."""
-    return os.environ.setdefault("ICAR_LAUNCH_ID", str(os.getpid()))
-
-
-def _resumed_run(ckpt_path: str | None) -> str | None:
-    if ckpt_path:
-        ckpt = os.path.abspath(ckpt_path)
-        if os.path.basename(os.path.dirname(ckpt)) == "checkpoints":
-            return os.path.dirname(os.path.dirname(ckpt))
-    return None
-
-
-def run_dir_for(ckpt_path: str | None, default: str) -> str:
-    """Hydra's output folder: for a resumed run (ckpt_path=RUN/checkpoints/x.ckpt) RUN/resumes/<time>-<id>, so that
-    the original's `.hydra/` stays as it was; others get `default`-<launch id>."""
-    run = _resumed_run(ckpt_path)
-    if run is not None:
-        return os.path.join(run, "resumes", f"{os.path.basename(default)}-{launch_id()}")
-    return f"{default}-{launch_id()}"
-
-
-def run_root_for(ckpt_path: str | None, output_dir: str) -> str:
-    """The run folder: a resumed run continues in RUN, others use Hydra's output folder."""
-    return _resumed_run(ckpt_path) or output_dir
-
-
-def gpu_count() -> int:
-    """GPUs visible to this process, at least 1 (conf/hydra/launcher/gpus.yaml: one parallel job per GPU)."""
-    import torch
-
-    return max(torch.cuda.device_count(), 1)
-
-
-def slurm_gpus(accelerator: str, devices: int) -> int | None:
-    """GPUs per node a SLURM job asks for (hydra/launcher/slurm.yaml): one per device, none for a CPU run (a
-    `--gpus-per-node` on a cluster without GPUs is refused at submission)."""
-    return None if str(accelerator) == "cpu" else int(devices)
-
-
-def register_configs() -> None:
-    """Register the schema (`train_schema`) with Hydra and the resolvers of conf/: `icar_run_dir`, `icar_run_root`,
-    `icar_launch_id` (train.yaml, sweeps/), `icar_gpu_count` (hydra/launcher/gpus.yaml) and `icar_slurm_gpus`
-    (hydra/launcher/slurm.yaml)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    OmegaConf.register_new_resolver("icar_run_dir", run_dir_for, replace=True)
-    OmegaConf.register_new_resolver("icar_run_root", run_root_for, replace=True)
-    OmegaConf.register_new_resolver("icar_launch_id", launch_id, replace=True)
-    OmegaConf.register_new_resolver("icar_gpu_count", gpu_count, replace=True)
-    OmegaConf.register_new_resolver("icar_slurm_gpus", slurm_gpus, replace=True)

@@ -20,8 +20,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from icar.analysis.analyze import ANALYSIS_FILE, analyze_run_dir  # noqa: E402
-from icar.analysis.jobs import job_folders, jobs_line, run_state, sweep_jobs  # noqa: E402
-from icar.analysis.sweep import aggregate, find_runs  # noqa: E402
+from icar.orchestration.jobs import job_folders, jobs_line, run_state, sweep_jobs  # noqa: E402
+from icar.analysis.runs import find_runs  # noqa: E402
+from icar.orchestration.sweep import aggregate  # noqa: E402
 
 HEADLINE = ("summary/", "heads/", "P/", "C/", "theory/", "icmap/")
 

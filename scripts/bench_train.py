@@ -1,7 +1,7 @@
 """Training-throughput benchmark: prints figures (it is not a test).
 
 For each configuration it measures, in one process and on one device:
-  1. sequences/s through the real Lightning path: `icar.train.run(cfg)` itself (ICARModule, ARDataModule, the
+  1. sequences/s through the real Lightning path: `icar.run.run(cfg)` itself (ICARModule, ARDataModule, the
      callbacks and the JSONL logger it builds), with a timing callback passed to it;
   2. the share of a training step spent waiting for its batch (the time spent in the stream's `next`; on CPU the
      stream draws the next batch in a background thread during the step; on CUDA it is the time to queue the
@@ -61,12 +61,14 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-import icar.train  # noqa: E402
-from icar.config import LossOn, Tokens, register_configs, to_dataclass, to_plain_dict, validate  # noqa: E402
+import icar.run  # noqa: E402
+from icar.config import LossOn, Tokens, validate  # noqa: E402
+from icar.orchestration.hydra_config import register_configs  # noqa: E402
+from icar.training.config_io import to_dataclass, to_plain_dict  # noqa: E402
 from icar.data.tokens import encode_tokens  # noqa: E402
-from icar.data.datamodule import SequenceStream  # noqa: E402
+from icar.data.stream import SequenceStream  # noqa: E402
 from icar.data.sequences import SequenceSampler  # noqa: E402
-from icar.train import ICARModule  # noqa: E402
+from icar.training.module import ICARModule  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
@@ -228,7 +230,7 @@ class Interleaved(pl.Callback):
 # -- the measurements -----------------------------------------------------------------------------------------------
 def bench_lightning(cfg: DictConfig, bounds: list[int], device: torch.device,
                     contenders: list[Contender]) -> tuple[Timings, float, list[float], list[float]]:
-    """Seconds per step (and busy cores) of each chunk through `icar.train.run(cfg)` with the contenders' chunks
+    """Seconds per step (and busy cores) of each chunk through `icar.run.run(cfg)` with the contenders' chunks
     run in between, the last timed step's loss, and the seconds of the two validation passes after the timed steps:
     the run's first (it also computes the baselines, once per run) and, one untimed step later, a later one. The
     progress bar is on and draws as on a terminal, into nothing. Also: per chunk, the seconds per step the loop
@@ -236,7 +238,7 @@ def bench_lightning(cfg: DictConfig, bounds: list[int], device: torch.device,
     wait = DataWait()
     timer, validation = Interleaved(bounds, contenders, device, wait), ValidationTimer()
     with contextlib.redirect_stdout(NullTerminal()), wait.watching():
-        icar.train.run(cfg, callbacks=[timer, validation])
+        icar.run.run(cfg, callbacks=[timer, validation])
     if timer.done != bounds[-1] + 1:
         raise RuntimeError(f"Lightning ran {timer.done} training steps, expected {bounds[-1] + 1}")
     return (timer.secs, timer.cores), timer.last_loss, validation.seconds, timer.waits

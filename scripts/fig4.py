@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from icar.config import ConfigError
-from icar.real_tokens_experiment import run_fig4, to_fig4_config
+from icar.claims.fig4 import run_fig4, to_fig4_config
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fig4")

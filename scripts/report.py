@@ -20,13 +20,17 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from icar.analysis.report import (  # noqa: E402
+from icar.orchestration.report import (  # noqa: E402
     build_wandb_report,
     publish_wandb_report,
     report_summary,
     write_html_report,
 )
-from icar.analysis.sweep import AGGREGATE_DIR, aggregate, first_value, swept_keys  # noqa: E402
+from icar.analysis.runs import first_value, swept_keys  # noqa: E402
+from icar.orchestration.figures import AGGREGATE_DIR  # noqa: E402
+from icar.orchestration.job import sweep_group  # noqa: E402
+from icar.orchestration.sweep import aggregate  # noqa: E402
+from icar.training.loggers import has_wandb_key  # noqa: E402
 
 OFFLINE_MODES = ("offline", "disabled", "dryrun")  # WANDB_MODE values under which nothing reaches the server
 
@@ -36,8 +40,6 @@ def default_group(runs: pd.DataFrame, sweep_dir: Path) -> str:
     group = first_value(runs, "logger.group")
     if group:
         return group
-    from icar.logging import sweep_group  # imports Lightning: only for folders whose runs carry no group
-
     return sweep_group(sweep_dir)
 
 
@@ -48,8 +50,6 @@ def why_not_published(publish: bool) -> str | None:
         return "--publish not given"
     if mode in OFFLINE_MODES:
         return f"WANDB_MODE={mode}"
-    from icar.logging import has_wandb_key  # imports Lightning: only worth it when publishing
-
     return None if has_wandb_key() else "no W&B API key"
 
 

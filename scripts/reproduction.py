@@ -4,7 +4,7 @@
     python scripts/reproduction.py --figure fig3 SWEEP_DIR  # redo SWEEP_DIR/aggregate/figure.json, then the above
 
 The records (figure.json) are written at the end of every figure target (make fig3, ..., make figures); the
-verdict rules live in icar/analysis/reproduction.py.
+verdict rules live in icar/claims/verdicts.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from icar.analysis.reproduction import CLAIMS, newest_records, write_reproduction  # noqa: E402
+from icar.claims.figures import FIGURES  # noqa: E402
+from icar.claims.verdicts import CLAIMS  # noqa: E402
+from icar.orchestration.figures import make_figure  # noqa: E402
+from icar.orchestration.reproduction import newest_records, write_reproduction  # noqa: E402
 
 
 def main() -> int:
@@ -31,8 +34,6 @@ def main() -> int:
     if args.figure:
         if args.sweep_dir is None or not args.sweep_dir.is_dir():
             parser.error(f"--figure {args.figure} needs the sweep folder it was run in, got {args.sweep_dir}")
-        from icar.analysis.figures import FIGURES, make_figure
-
         if args.figure not in FIGURES:
             parser.error(f"--figure must be one of {', '.join(FIGURES)}, got {args.figure!r}")
         try:

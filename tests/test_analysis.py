@@ -145,7 +145,7 @@ def test_diagonal_run_analysis_and_offline_recompute(tmp_path):
     import subprocess
     import sys
 
-    from icar.train import run
+    from icar.run import run
     from tests.conftest import FAST, REPO, compose_train
 
     run_dir = tmp_path / "run"
@@ -180,7 +180,7 @@ def test_diagonal_run_analysis_and_offline_recompute(tmp_path):
 def test_periodic_analysis_during_training(make_cfg, tmp_path):
     """eval.analysis_every=1 analyses after every validation (inside Lightning's inference mode: the in-context map
     and its alignment need autograd) into analysis/step_<N>/, then once more at the end."""
-    from icar.train import run
+    from icar.run import run
     from tests.conftest import FAST
 
     cfg = make_cfg(*FAST, "experiment=augmented_gd_step", "trainer.max_steps=4", "trainer.val_check_interval=2",

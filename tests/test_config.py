@@ -9,7 +9,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from icar.config import ConfigError, Family, TrainConfig, to_dataclass, validate
+from icar.config import ConfigError, Family, TrainConfig, validate
+
+from icar.training.config_io import to_dataclass
 from tests.conftest import CONF_DIR, REPO
 
 

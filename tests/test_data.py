@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from icar.config import Basis, ConfigError, DataConfig, Family, Start, Tokens, TrainConfig, validate
 from icar.data.contexts import haar_orthogonal, rotation_blocks, sample_contexts
-from icar.data.datamodule import ARDataModule, SequenceStream, stream_seed
+from icar.data.stream import SequenceStream, stream_seed
+from icar.training.datamodule import ARDataModule
 from icar.data.sequences import SequenceSampler, roll_out
 from icar.data.tokens import encode_tokens, realify, token_width
 

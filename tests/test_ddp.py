@@ -11,9 +11,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from icar.config import to_dataclass
-from icar.data.datamodule import ARDataModule, SequenceStream
-from icar.train import ICARModule, run
+from icar.training.config_io import to_dataclass
+from icar.data.stream import SequenceStream
+from icar.training.datamodule import ARDataModule
+from icar.run import run
+from icar.training.module import ICARModule
 from tests.conftest import FAST, REPO
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from icar.failures import FAILURE_FILE
+from icar.training.failures import FAILURE_FILE
 from tests.test_faults import CLI_FAST, train_cli
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="child ranks read from /proc")

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from icar.checkpoint_io import AtomicCheckpointIO, CheckpointError
-from icar.config import ConfigError, run_dir_for, to_dataclass, validate
-from icar.logging import read_metrics
-from icar.wandb_resume import wandb_history
-from icar.train import run
+from icar.training.checkpoint_io import AtomicCheckpointIO, CheckpointError
+from icar.config import ConfigError, validate
+from icar.orchestration.hydra_config import run_dir_for
+from icar.training.config_io import to_dataclass
+from icar.training.loggers import read_metrics
+from icar.training.wandb_resume import wandb_history
+from icar.run import run
 from tests.conftest import FAST, REPO
 from tests.test_train import StopAt
 
@@ -63,7 +65,7 @@ def test_wandb_key_without_network_falls_back_offline(make_cfg, tmp_path, monkey
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "01234567")
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     start = time.monotonic()
-    with caplog.at_level("WARNING", logger="icar.logging"):
+    with caplog.at_level("WARNING", logger="icar.training.loggers"):
         run(make_cfg(*FAST, "logger=wandb", "eval.analysis=false"))
     assert time.monotonic() - start < 40  # it used to wait wandb's 60 s init_timeout, then die
     (warning,) = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]

@@ -15,9 +15,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from icar.analysis.record import FigureRecord
-from icar.analysis.reproduction import CLAIMS, NOT, PARTLY, REPRODUCED, judge_fig4, judge_fig5, render
-from icar.config import ConfigError, TrainConfig, to_dataclass, validate
+from icar.claims.record import FigureRecord
+from icar.claims.verdicts import CLAIMS, NOT, PARTLY, REPRODUCED, judge_fig4, judge_fig5
+from icar.orchestration.reproduction import render
+from icar.config import ConfigError, TrainConfig, validate
+from icar.training.config_io import to_dataclass
 from tests.conftest import FAST, REPO
 from tests.test_sweeps import compose_sweep, expand
 

@@ -11,8 +11,10 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from icar.config import ConfigError, TrainConfig, to_dataclass
-from icar.memory import check_memory, estimate_memory
+from icar.config import ConfigError, TrainConfig
+
+from icar.training.config_io import to_dataclass
+from icar.training.memory import check_memory, estimate_memory
 from tests.conftest import REPO
 from tests.test_faults import train_cli
 
@@ -23,7 +25,8 @@ MEASURE = r"""
 import ctypes, json, re, sys, torch
 ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed, so that big tensors come and go with mmap
 from omegaconf import OmegaConf
-from icar.config import TrainConfig, to_dataclass
+from icar.config import TrainConfig
+from icar.training.config_io import to_dataclass
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens, realify
 from icar.models import build_model
@@ -97,7 +100,7 @@ def test_gpu_runs_are_checked_against_their_own_gpu(monkeypatch):
     checked, since CUDA must stay uninitialised before the fork."""
     import torch
 
-    import icar.memory as memory
+    import icar.training.memory as memory
 
     asked = []
     monkeypatch.setattr(memory, "available_devices", lambda accelerator: ("gpu", 2))

@@ -16,7 +16,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from icar.tuning import SearchSpaceError, exclusive_ask, override_value, parse_search_space
+from icar.orchestration.tuning import SearchSpaceError, exclusive_ask, override_value, parse_search_space
 from tests.conftest import FAST, REPO
 
 QUIET = ["eval.gd_steps=1", "eval.analysis=false", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0"]
@@ -193,7 +193,7 @@ def test_a_stale_trial_whose_run_finished_is_told_from_its_summary(tmp_path):
     job does on SLURM): once stale, its retry is told the run's val/mse from summary.json instead of training again."""
     from omegaconf import OmegaConf
 
-    from icar.tuning import build_storage, parse_search_space
+    from icar.orchestration.tuning import build_storage, parse_search_space
 
     sweep = tmp_path / "search"
     (sweep / "trial_0").mkdir(parents=True)

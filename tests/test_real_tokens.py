@@ -13,7 +13,7 @@ from icar.analysis.ar_fit import ar1_mse, ar1_mse_float32, conflicting_repeat, h
 from icar.config import ConfigError
 from icar.data.real_tokens import (EmbeddingSource, corpus_ids, cut_windows, load_embedding_source, paragraphs,
                                    shuffle_windows, subsample_windows, unit_rows)
-from icar.real_tokens_experiment import fig4_numbers, run_fig4, to_fig4_config
+from icar.claims.fig4 import fig4_numbers, run_fig4, to_fig4_config
 from tests.conftest import CONF_DIR
 
 TEXT = ("The whale swam on. Call me Ishmael. Some years ago, never mind how long precisely, having little or no "

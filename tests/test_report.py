@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from icar.analysis.plots import plt
-from icar.analysis.report import build_wandb_report, group_filter, summary_table, write_html_report
-from icar.analysis.sweep import swept_keys
+from icar.orchestration.report import build_wandb_report, group_filter, summary_table, write_html_report
+from icar.analysis.runs import swept_keys
 from tests.conftest import REPO
 
 GROUP = "augmented_depth/2024-05-01_12-00-00"

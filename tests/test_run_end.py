@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from icar.closing import closing_block, gd_steps_worth
+from icar.orchestration.closing import closing_block, gd_steps_worth
 from tests.test_faults import CLI_FAST, train_cli
 
 

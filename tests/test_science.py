@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from icar.train import ICARModule, run
+from icar.run import run
+from icar.training.module import ICARModule
 from tests.conftest import compose_train
 
 pytestmark = pytest.mark.slow

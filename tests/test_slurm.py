@@ -17,7 +17,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from icar.logging import read_metrics
+from icar.training.loggers import read_metrics
 from tests.conftest import FAST, REPO
 
 # one CPU, a little memory and a short time limit per job: the test node has what this machine has

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from icar.analysis.sweep import find_runs, load_runs, swept_keys
+from icar.analysis.runs import find_runs, load_runs, swept_keys
 from tests.conftest import FAST, REPO
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from icar.analysis.jobs import Job, jobs_line, run_state, sweep_jobs
-from icar.failures import FAILURE_FILE
+from icar.orchestration.jobs import Job, jobs_line, run_state, sweep_jobs
+from icar.training.failures import FAILURE_FILE
 from tests.conftest import REPO
 from tests.test_faults import CLI_FAST, train_cli, wait_for_steps
 from tests.test_train import StopAt
@@ -75,7 +75,7 @@ def test_a_killed_run_is_unfinished_at_the_step_of_its_last_checkpoint(make_cfg,
     finishes removes it."""
     common = [*CLI_FAST, "trainer.max_steps=10", "trainer.val_check_interval=5"]
     with pytest.raises(RuntimeError, match="simulated"):
-        from icar.train import run
+        from icar.run import run
 
         run(make_cfg(*common), callbacks=[StopAt(7)])
     folder = tmp_path / "run"

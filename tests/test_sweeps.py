@@ -16,9 +16,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from icar.config import TrainConfig, TrainerConfig, gpu_count, register_configs, to_dataclass, validate
-from icar.devices import claim_devices
-from icar.logging import read_metrics
+from icar.config import TrainConfig, TrainerConfig, validate
+
+from icar.orchestration.hydra_config import gpu_count, register_configs
+
+from icar.training.config_io import to_dataclass
+from icar.orchestration.devices import claim_devices
+from icar.training.loggers import read_metrics
 from tests.conftest import CONF_DIR, FAST, REPO
 
 SWEEPS = REPO / "sweeps"
@@ -64,7 +68,7 @@ def test_every_sweep_config_composes_into_valid_runs(name, scale):
     assert len(jobs) == len(paper_values if scale == "paper" else quick_values) * 2 * seeds
     assert sorted({int(j[key]) for j in jobs}) == (paper_values if scale == "paper" else quick_values)
     assert {j["model.attention"] for j in jobs} == {"linear", "softmax"}
-    assert cfg.hydra.callbacks.aggregate._target_ == "icar.analysis.sweep.AggregateOnSweepEnd"
+    assert cfg.hydra.callbacks.aggregate._target_ == "icar.orchestration.sweep.AggregateOnSweepEnd"
     for job in (jobs[0], jobs[-1]):
         job_cfg = compose_sweep(config_name, *(f"{k}={v}" for k, v in job.items()), "run_dir=/tmp/unused")
         train_cfg = to_dataclass(OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"]))
@@ -168,7 +172,7 @@ def _claim_once(lock_dir: Path) -> list[int]:
 def test_multi_device_jobs_of_a_local_sweep_use_ddp_spawn(monkeypatch):
     """Plain ddp re-executes the command line (which would restart the sweep): inside a local sweep it becomes
     ddp_spawn; a single run and a SLURM job keep their strategy."""
-    import icar.train as train
+    import icar.training.run as train
 
     trainer = TrainerConfig(accelerator="cpu", devices=2, strategy="ddp")
     assert train.sweep_job_devices(trainer)[:2] == (2, "ddp")  # not in a sweep

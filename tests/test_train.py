@@ -12,10 +12,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from icar.config import LoggerConfig, WandbMode, to_dataclass, to_plain_dict
-from icar.data.datamodule import ARDataModule
-from icar.logging import read_metrics, wandb_mode
-from icar.train import ICARModule, run
+from icar.config import LoggerConfig, WandbMode
+
+from icar.training.config_io import to_dataclass, to_plain_dict
+from icar.training.datamodule import ARDataModule
+from icar.training.loggers import read_metrics, wandb_mode
+from icar.run import run
+from icar.training.module import ICARModule
 from tests.conftest import CONF_DIR, FAST, REPO
 
 

@@ -1,4 +1,4 @@
-"""W&B is a mirror that cannot stop a run (icar/wandb_mirror.py): SLURM signals every process of a job, so W&B's
+"""W&B is a mirror that cannot stop a run (icar/training/wandb_mirror.py): SLURM signals every process of a job, so W&B's
 service process can die while training goes on."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from icar.logging import read_metrics
+from icar.training.loggers import read_metrics
 from tests.conftest import FAST, REPO
 
 

@@ -5,7 +5,7 @@ launcher (basic, joblib, submitit), tell Optuna how each ended.
   trial numbers continue and `n_trials` is the study's total.
 - A job that raises is told as failed and the sweep goes on; a job stopped by the pruner is told as pruned.
 - Several workers (machines, SLURM jobs) may share one study through a PostgreSQL URL: the count-then-ask step is
-  serialised (`icar.tuning.exclusive_ask`), so together they run exactly `n_trials` trials, each once.
+  serialised (`icar.orchestration.tuning.exclusive_ask`), so together they run exactly `n_trials` trials, each once.
 - A worker that dies (SIGKILL, `scancel`, a lost node) stops the heartbeat of its trial (Optuna's RDB heartbeat,
   every `heartbeat_interval` seconds); once it is older than `grace_period`, another worker fails the trial and runs
   its retry: a new trial with the same parameters, continuing from the dead trial's checkpoint in the dead trial's
@@ -69,7 +69,7 @@ class IcarOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         import optuna
 
-        from icar import tuning
+        from icar.orchestration import tuning
 
         sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ class IcarOptunaSweeper(Sweeper):
         that keep heartbeats are still running."""
         import optuna
 
-        from icar import tuning
+        from icar.orchestration import tuning
 
         batch = []
         with warnings.catch_warnings():  # heartbeats are "experimental" and "supposed to be used with Study.optimize"
@@ -199,8 +199,8 @@ class IcarOptunaSweeper(Sweeper):
         return True
 
     def _job_overrides(self, trial: "optuna.Trial", space: Any, sweep_dir: Path, study_file: Path) -> list[str]:
-        from icar import tuning
-        from icar.resume import newest_checkpoint
+        from icar.orchestration import tuning
+        from icar.training.resume import newest_checkpoint
 
         run_dir = sweep_dir / f"trial_{trial.number}"
         ckpt = None

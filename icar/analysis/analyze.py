@@ -27,6 +27,7 @@ from icar.data.sequences import SequenceSampler
 from icar.data.tokens import realify
 from icar.models.diagonal import DiagonalAttention
 from icar.theory import distance_to_optimum, head_balance
+from icar.training.module import ICARModule
 
 ANALYSIS_FILE = "analysis.json"
 IN_CONTEXT_SEQUENCES = 256
@@ -160,8 +161,6 @@ def analyze(module: Any, out_dir: Path, curves: dict[str, list[float]] | None = 
 
 def analyze_run_dir(run_dir: Path, checkpoint: str = "last", device: str = "cpu") -> AnalysisResult:
     """Recompute a finished run's analyses from RUN/checkpoints/<checkpoint>.ckpt into RUN/analysis/ (no W&B)."""
-    from icar.train import ICARModule  # the module imports the analysis callback: import it late
-
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
     if not ckpt.is_file():

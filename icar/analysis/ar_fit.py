@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from icar.analysis.plots import plt, save_figure
+
 CHUNK = 4096  # windows per batched SVD: (CHUNK, T, D) float64 stays in the tens of MB for D ~ 1000
 CHUNK_FLOAT32 = 1000  # windows per batched lstsq in float32: the (CHUNK, D, D) solutions are 262 MB at D = 256
 
@@ -106,8 +108,6 @@ def plot_mse_histogram(panels: dict[str, dict[str, torch.Tensor]], threshold: fl
                        title: str = "") -> list[Path]:
     """One panel per arithmetic (float64, float32): overlaid histograms of the per-window MSEs above threshold
     (log x, bins shared across panels), real vs shuffled, each labelled with its fraction of exact fits."""
-    from icar.analysis.plots import plt, save_figure
-
     above = {p: {name: v[v > threshold].double().numpy() for name, v in sets.items()} for p, sets in panels.items()}
     values = np.concatenate([v for sets in above.values() for v in sets.values()])
     bins = None

@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from icar import metrics
 from icar.analysis.analyze import AnalysisResult, analyze
-from icar.logging import log_analysis
+from icar.training.loggers import log_analysis
 
 ANALYSIS_DIR = "analysis"
 
@@ -42,3 +43,7 @@ class AnalysisCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._analyse(trainer, pl_module, self.run_dir / ANALYSIS_DIR, final=True)
+
+    def final_metrics(self) -> dict[str, float]:
+        """The latest analysis numbers as `analysis/<name>`, for the run's summary (icar.training.run.ReportsMetrics)."""
+        return {} if self.result is None else {metrics.analysis(k): v for k, v in self.result.scalars.items()}

@@ -15,6 +15,7 @@ import torch
 
 from icar.baselines import context_moments
 from icar.config import Tokens
+from icar.data.contexts import rotation_blocks
 from icar.data.tokens import encode_tokens, realify
 from icar.models.transformer import Transformer
 
@@ -108,8 +109,6 @@ def aligned_cosine(W_hat: torch.Tensor, W_ref: torch.Tensor, basis: torch.Tensor
     model may implement one GD step up to it: with claim 1's blocks, B Y A = eta G^T Y G when A = G, B = eta G^T.
     The angles are fitted by Adam (one G shared by all sequences) from three starts, phi = 0 and +-2 pi / 3 for every
     block, keeping the best: the cosine is not concave in phi."""
-    from icar.data.contexts import rotation_blocks
-
     d = W_hat.shape[-1]
     Q = torch.eye(d, dtype=torch.float64) if basis is None else basis.to(torch.float64)
     W_hat, W_ref = W_hat.double().cpu(), W_ref.double().cpu()  # a few hundred small matrices: CPU

@@ -12,10 +12,12 @@ matplotlib.use("Agg")  # headless: figures are only ever written to files
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from icar import metrics  # noqa: E402
 from icar.analysis.structure import normalised_singular_values  # noqa: E402
 
 DPI = 150
@@ -136,5 +138,43 @@ def plot_mse_by_position(curves: dict[str, Sequence[float]], path_stem: Path, ti
     ax.set_ylabel(f"MSE (values below {LOG_FLOOR:g} drawn at it)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return save_figure(fig, path_stem)
+
+
+def plot_metric_against(runs: pd.DataFrame, x: str, path_stem: Path, metric: str = metrics.VAL_MSE_LAST,
+                        hue: str | None = None, log_y: bool = True) -> list[Path]:
+    """`metric` against the swept value `x` (mean over seeds, band from min to max, one line per `hue` value), with
+    least squares and GD overlaid; against the depth `model.n_layers`, GD takes as many steps as the model has layers
+    (docs/PAPER_NOTES.md §4.4), elsewhere one step."""
+    data = runs.sort_values(x)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sns.lineplot(data=data, x=x, y=metric, hue=hue, errorbar=("pi", 100), marker="o", ax=ax, **({} if hue else {"label": "model"}))
+    stat = metric.split("/")[-1]  # mse or mse_last
+    by_x = data.groupby(x)
+    if x == "model.n_layers":
+        gd = [(L, data.loc[data[x] == L, metrics.val(stat, metrics.gd(L))].mean()) for L in by_x.groups
+              if metrics.val(stat, metrics.gd(L)) in data]
+        if gd:
+            ax.plot(*zip(*gd), "k--", marker="s", label="GD, L steps (tuned)")
+    elif metrics.val(stat, metrics.gd(1)) in data:
+        ax.plot(list(by_x.groups), by_x[metrics.val(stat, metrics.gd(1))].mean().values, "k--", marker="s",
+                label="GD, 1 step")
+    ols = by_x[metrics.val(stat, metrics.OLS)].mean() if metrics.val(stat, metrics.OLS) in data else None
+    if ols is not None and (ols > 1e-8).any():  # exact least squares (t > d) would only squash the axis
+        ax.plot(list(by_x.groups), ols.clip(lower=1e-12).values, ":", color="tab:red", label="least squares")
+    if log_y:
+        ax.set_yscale("log")
+    values = sorted(data[x].unique())
+    if values[0] > 0 and values[-1] / values[0] >= 16:  # H = 1..64, T = 10..100: evenly spaced on a log axis
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path_stem)

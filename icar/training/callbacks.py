@@ -13,9 +13,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
-from icar.checkpoint_io import CheckpointError
-from icar.ddp import is_collective_failure
-from icar.guards import Diverged
+from icar.training.checkpoint_io import CheckpointError
+from icar.training.ddp import is_collective_failure
+from icar.training.guards import Diverged
 
 log = logging.getLogger(__name__)
 

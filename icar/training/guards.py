@@ -1,5 +1,5 @@
 """What ends a run early, and how it ends: divergence (a non-finite loss), SIGTERM (exit 128 + 15 unless the run is
-being requeued). The one-line failures and the record of a failed run are in icar/failures.py (no Lightning import)."""
+being requeued). The one-line failures and the record of a failed run are in icar/training/failures.py (no Lightning import)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from icar.failures import SIGTERM_EXIT, RunFailure
+from icar.training.failures import SIGTERM_EXIT, RunFailure
 
 __all__ = ["SIGTERM_EXIT", "RunFailure", "Diverged", "DivergenceGuard", "is_being_requeued", "finite_or_none"]
 
@@ -43,8 +43,8 @@ class DivergenceGuard(Callback):
 
 def is_being_requeued(run_dir: Path) -> bool:
     """True when this SLURM job is being requeued: after its requeue signal the run wrote its checkpoint and asked
-    submitit to requeue it (`icar.slurm.RequeueOnSignal`), so the SIGTERM is expected and is not a failure."""
-    from icar.slurm import requeue_requested
+    submitit to requeue it (`icar.training.slurm.RequeueOnSignal`), so the SIGTERM is expected and is not a failure."""
+    from icar.training.slurm import requeue_requested
 
     return requeue_requested()
 

@@ -1,4 +1,5 @@
-"""Run-folder logging: a JSONL metrics file (the record, read by later analysis) and W&B set-up (the mirror)."""
+"""A run's loggers: the JSONL metrics file (the record, read by later analysis) and W&B (the mirror), online only
+with a key and a reachable server."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from icar.config import ConfigError, LoggerConfig, LoggerKind, WandbMode
-from icar.wandb_mirror import MirrorWandbLogger, mirror
+from icar.training.wandb_mirror import MirrorWandbLogger, mirror
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class JsonlLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        """The config is saved as config.yaml by `icar.train.run`; nothing to add here."""
+        """The config is saved as config.yaml by `icar.training.run.train`; nothing to add here."""
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -126,41 +127,6 @@ def checked_wandb_mode(cfg: LoggerConfig, run_dir: str | Path) -> str:
                     f" offline; upload later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*`")
         return "offline"
     return mode
-
-
-def sweep_group(sweep_dir: str | Path) -> str:
-    """The W&B group of a sweep: its folder below `multirun/` (`sweep_depth/2026-11-23_10-00-00`), else its name."""
-    parts = Path(sweep_dir).absolute().parts
-    return "/".join(parts[parts.index("multirun") + 1:]) if "multirun" in parts[:-1] else parts[-1]
-
-
-def sweep_context() -> tuple[str, dict[str, str]] | None:
-    """For a job of a Hydra multirun: its sweep's W&B group and the values of its swept keys; None otherwise.
-
-    The swept keys are those of `hydra.sweeper.params` and those swept on the sweep's command line (read from the
-    `multirun.yaml` the sweeper saved); without either, every override of the job.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    hydra_cfg = HydraConfig.get()
-    keys = {k.lstrip("+~") for k in (hydra_cfg.sweeper.get("params") or {})}
-    saved = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
-    if saved.is_file():
-        command_line = list(OmegaConf.load(saved).hydra.overrides.task)
-        keys |= {o.get_key_element().lstrip("+~") for o in OverridesParser.create().parse_overrides(command_line)
-                 if o.is_sweep_override()}
-    swept = {}
-    for line in hydra_cfg.overrides.task:
-        key, _, value = line.partition("=")
-        key = key.lstrip("+~")
-        if not key.startswith("hydra.") and (not keys or key in keys):
-            swept[key] = value
-    return sweep_group(hydra_cfg.sweep.dir), swept
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config: dict[str, Any]) -> list[Logger]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from icar.failures import RunFailure
+from icar.training.failures import RunFailure
 
 
 class CheckpointError(RunFailure):

@@ -24,6 +24,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 from icar.config import (
     Arch,
     Attention,
@@ -135,20 +137,17 @@ def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
     return est
 
 
-def available_memory(cfg: TrainConfig) -> tuple[float, str] | None:
-    """(bytes free, what was measured) on the device this process trains on; None where it cannot be told."""
+def available_memory(cfg: TrainConfig, device_claimed_later: bool = False) -> tuple[float, str] | None:
+    """(bytes free, what was measured) on the device this process trains on; None where it cannot be told (also for
+    a job of a parallel sweep, which claims its GPU only when it trains)."""
     kind, _ = available_devices(cfg.trainer.accelerator)
     if kind == "cpu":
         return host_memory()
     if kind != "gpu":
         return None  # mps: unified memory, no reliable figure
-    import torch
-
-    from icar.devices import parallel_sweep_lock_dir
-
     if not torch.cuda.is_available():
         return None
-    if cfg.trainer.strategy in ("ddp_fork", "ddp_notebook") or parallel_sweep_lock_dir() is not None:
+    if cfg.trainer.strategy in ("ddp_fork", "ddp_notebook") or device_claimed_later:
         return None  # CUDA must stay uninitialised before a fork; a parallel sweep's job claims its GPU later
     index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()  # the GPU this rank will use anyway
     return float(torch.cuda.mem_get_info(index)[0]), f"the free memory of GPU {index}"
@@ -178,7 +177,7 @@ def _size(n: float) -> str:
     return f"{n:.3g} PB"
 
 
-def check_memory(cfg: TrainConfig) -> MemoryEstimate:
+def check_memory(cfg: TrainConfig, device_claimed_later: bool = False) -> MemoryEstimate:
     """Raise ConfigError (one line naming the keys that drive it) when the estimated peak exceeds the memory free on
     the device; a GPU run's step-size tuning is checked against the host's RAM. Set ICAR_SKIP_MEMORY_CHECK=1 to skip."""
     est = estimate_memory(cfg)
@@ -187,7 +186,7 @@ def check_memory(cfg: TrainConfig) -> MemoryEstimate:
     on_gpu = available_devices(cfg.trainer.accelerator)[0] == "gpu"
     if not on_gpu and int(os.environ.get("LOCAL_RANK", 0)) > 0:
         return est  # rank 0 checked for every rank of this machine; by now it holds memory of its own
-    device = available_memory(cfg)
+    device = available_memory(cfg, device_claimed_later)
     ranks_here = 1 if on_gpu else cfg.trainer.devices
     if on_gpu:
         checks = [(est.total(est.persistent) + max(est.total(est.train), est.total(est.validation)), device,
@@ -200,6 +199,6 @@ def check_memory(cfg: TrainConfig) -> MemoryEstimate:
         terms = ", ".join(f"{p.name} {_size(p.bytes * ranks_here)} [{p.keys}]" for p in parts[:2])
         ranks = f" for {ranks_here} ranks" if ranks_here > 1 else ""
         raise ConfigError(f"this run needs about {_size(need)} of memory{ranks} but {have[1]} is {_size(have[0])}:"
-                          f" {terms}; lower the keys named (estimate: icar/memory.py, skip with"
+                          f" {terms}; lower the keys named (estimate: icar/training/memory.py, skip with"
                           f" ICAR_SKIP_MEMORY_CHECK=1)")
     return est

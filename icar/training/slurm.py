@@ -2,14 +2,14 @@
 
 A job that SLURM wants gone gets SIGTERM (preemption, `scontrol requeue`, `scancel`, the hard time limit) or, before
 its time limit, the `--signal` that submitit's sbatch asks for (USR2, `hydra.launcher.signal_delay_s` seconds ahead).
-Both take the path of `icar.guards`: Lightning stops at the next step boundary, `CheckpointOnInterrupt` writes
+Both take the path of `icar.training.guards`: Lightning stops at the next step boundary, `CheckpointOnInterrupt` writes
 `checkpoints/interrupted.ckpt`, the run exits. What differs is who requeues:
 
 - SIGTERM: SLURM itself, when it preempts or requeues the job (`scancel` does not); the run exits 143.
 - USR2 (time limit, or preemption on clusters with `SlurmctldParameters=preempt_send_user_signal`): submitit, once the
   checkpoint is on disk. `RequeueOnSignal` turns the signal into SIGTERM for this process and afterwards hands it to
   submitit's own handler, which counts time-outs (`hydra.launcher.max_num_timeout`), runs `scontrol requeue` and
-  resubmits the same Hydra job; the run exits 0 (`icar.guards.is_being_requeued`).
+  resubmits the same Hydra job; the run exits 0 (`icar.training.guards.is_being_requeued`).
 
 A restarted job (`SLURM_RESTART_COUNT` >= 1) runs the same Hydra job in the same folder; `requeued_checkpoint`
 points it at the newest of its checkpoints, and the run continues there with the same W&B run (`wandb_id.txt`).
@@ -32,11 +32,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from icar.resume import newest_checkpoint
+from icar.training.resume import newest_checkpoint
 
 log = logging.getLogger(__name__)
 
-_requeue_requested = False  # set once submitit has been asked to requeue this job (read by icar.guards)
+_requeue_requested = False  # set once submitit has been asked to requeue this job (read by icar.training.guards)
 
 
 def in_slurm_job() -> bool:
@@ -123,7 +123,7 @@ class RequeueOnSignal(Callback):
             return
         try:
             previous(self.signum, None)  # submitit: count the time-out, dump the same job, scontrol requeue, exit
-        except SystemExit:  # submitit asks to exit once requeued: the run does, from icar.train
+        except SystemExit:  # submitit asks to exit once requeued: the run does, from icar.training.run
             pass
         except Exception as err:  # e.g. UncompletedJobError: timed out more than max_num_timeout times
             log.error(f"SLURM job not requeued: {type(err).__name__}: {err}")

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 RECORD_FILE = "figure.json"
 
 
@@ -33,8 +35,6 @@ def machine() -> str:
         text += f", {pages * page / 2**30:.0f} GiB"
     except (ValueError, OSError, AttributeError):
         pass
-    import torch
-
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         text += f", {n} x {torch.cuda.get_device_name(0)}"

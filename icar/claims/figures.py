@@ -1,6 +1,6 @@
 """The paper's figures from a finished figure sweep (sweeps/fig*.yaml, prop2, softmax_vs_linear): one function per
 figure reads the run folders (summary.json, analysis.json, the last checkpoint), draws the figure (PNG + PDF) into
-SWEEP/aggregate/ and returns the numbers that REPRODUCTION.md judges (icar.analysis.reproduction)."""
+SWEEP/aggregate/ and returns the numbers that REPRODUCTION.md judges (icar.claims.verdicts)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from icar.analysis.plots import PANEL, heatmap, plot_mse_by_position, plt, save_figure
-from icar.analysis.record import FigureRecord, command_line, machine, now
-from icar.analysis.sweep import AGGREGATE_DIR, load_runs, plot_metric_against, swept_values
+from icar.analysis.heads import head_orthogonality
+from icar.analysis.plots import PANEL, heatmap, plot_metric_against, plot_mse_by_position, plt, save_figure
+from icar.analysis.positional import positional_matrices
+from icar.analysis.runs import analysis_tables, load_model, swept_values
 from icar.theory import pe_only_gd_P, prop2_min_loss
 
 Numbers = dict[str, Any]
@@ -25,19 +26,6 @@ Numbers = dict[str, Any]
 def experiment_of(run: pd.Series) -> str:
     """The experiment a sweep job ran (its `experiment=...` tag), or the run's name."""
     return swept_values(run.get("logger.tags")).get("experiment", str(run.get("name", "")))
-
-
-def load_model(run_dir: str | Path) -> torch.nn.Module:
-    """The trained model of a run folder, from checkpoints/last.ckpt, on the CPU."""
-    from icar.train import ICARModule  # imports Lightning: only when a figure needs weights
-
-    module = ICARModule.load_from_checkpoint(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu")
-    return module.model.eval()
-
-
-def analysis_tables(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "analysis" / "analysis.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _get(run: pd.Series, key: str) -> float:
@@ -188,9 +176,6 @@ def fig6(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
 def fig7(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path]]:
     """Claim 5 (Figure 7): the multi-head model on raw tokens of general orthogonal W: MSE by position against GD
     and least squares, the heads' cosine matrices and the positional weights (first seed, linear attention)."""
-    from icar.analysis.heads import head_orthogonality
-    from icar.analysis.positional import positional_matrices
-
     linear = runs[runs["model.attention"] == "linear"] if "model.attention" in runs else runs
     if linear.empty:
         raise ValueError("fig7 draws the linear-attention model: the sweep has no run with model.attention=linear")
@@ -267,27 +252,3 @@ def softmax_vs_linear(runs: pd.DataFrame, out: Path) -> tuple[Numbers, list[Path
 FIGURES: dict[str, Callable[[pd.DataFrame, Path], tuple[Numbers, list[Path]]]] = {
     "prop2": prop2, "fig3": fig3, "fig5": fig5, "fig6": fig6, "fig7": fig7, "softmax_vs_linear": softmax_vs_linear,
 }
-
-
-def make_figure(figure: str, sweep_dir: Path, scale: str = "") -> FigureRecord:
-    """Draw `figure` from the runs of sweep_dir into SWEEP/aggregate/ and save its record (figure.json), with the
-    sweep's wall time (from its multirun.yaml, written when Hydra starts the sweep) and this machine."""
-    if figure not in FIGURES:
-        raise ValueError(f"unknown figure {figure!r}; known: {', '.join(FIGURES)}")
-    sweep_dir = Path(sweep_dir)
-    out = sweep_dir / AGGREGATE_DIR
-    runs = load_runs(sweep_dir)
-    names = sorted({str(n) for n in runs["name"]}) if "name" in runs else ["(unnamed)"]
-    if not all(n == figure or n.startswith(f"{figure}_") for n in names):  # fig3, fig3_quick, ...
-        raise ValueError(f"{sweep_dir} holds runs of {', '.join(names)}, not of the {figure} sweep "
-                         f"(sweeps/{figure}.yaml or sweeps/{figure}_quick.yaml)")
-    numbers, paths = FIGURES[figure](runs, out)
-    # the sweep's wall time: from Hydra writing multirun.yaml (its start) to the last run's summary.json
-    started = sweep_dir / "multirun.yaml"
-    ends = [p.stat().st_mtime for p in sweep_dir.rglob("summary.json")]
-    wall = max(ends) - started.stat().st_mtime if started.is_file() and ends else None
-    scale = scale or ("cpu" if sweep_dir.parent.name.endswith("_quick") else "paper")
-    record = FigureRecord(figure=figure, numbers=numbers, figures=[str(p) for p in paths], wall_s=wall,
-                          machine=machine(), command=command_line(), scale=scale, finished=now())
-    record.save(out)
-    return record

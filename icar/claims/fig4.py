@@ -14,8 +14,13 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from icar.analysis.ar_fit import (ar1_mse, ar1_mse_float32, conflicting_repeat, has_repeat, mse_summary,
+                                  plot_mse_histogram)
+from icar.claims.record import FigureRecord, command_line, machine, now
 from icar.config import ConfigError, LoggerConfig, LoggerKind
-from icar.data.real_tokens import PYDOC, load_embedding_source
+from icar.data.real_tokens import (PYDOC, corpus_ids, cut_windows, embed_windows, load_corpus, load_embedding_source,
+                                   shuffle_windows, subsample_windows, unit_rows)
+from icar.training.loggers import wandb_mode
 
 FIGURE_STEM = "ar_fit_hist"
 PANELS = {"float64": "float64 (primary)", "float32": "float32 (authors' lstsq)"}  # figure panel titles
@@ -59,10 +64,6 @@ def fig4_numbers(c: Fig4Config) -> tuple[dict[str, Any], dict[str, dict[str, tor
     """The numbers of Figure 4 and the per-window MSEs {float64: {real, shuffled}, float32: {...}} (float32 only
     with c.float32_check): one seeded generator draws the window subset and then the shuffle. Keys without a
     suffix are float64; the float32 ones end in `_float32`."""
-    from icar.analysis.ar_fit import ar1_mse, ar1_mse_float32, conflicting_repeat, has_repeat, mse_summary
-    from icar.data.real_tokens import (corpus_ids, cut_windows, embed_windows, load_corpus, shuffle_windows,
-                                       subsample_windows, unit_rows)
-
     source = load_embedding_source(c.source)
     corpus, texts = load_corpus(c.text)
     ids = corpus_ids(source, texts)  # (n,)
@@ -101,9 +102,6 @@ def fig4_numbers(c: Fig4Config) -> tuple[dict[str, Any], dict[str, dict[str, tor
 
 def run_fig4(cfg: DictConfig | Fig4Config | dict[str, Any]) -> dict[str, Any]:
     """Compute, plot and record Figure 4 in cfg.run_dir; return the numbers."""
-    from icar.analysis.ar_fit import plot_mse_histogram
-    from icar.analysis.record import FigureRecord, command_line, machine, now
-
     start = time.perf_counter()
     c = to_fig4_config(cfg)
     run_dir = Path(c.run_dir or ".")
@@ -126,12 +124,10 @@ def run_fig4(cfg: DictConfig | Fig4Config | dict[str, Any]) -> dict[str, Any]:
 
 def _mirror_to_wandb(c: Fig4Config, run_dir: Path, numbers: dict[str, Any], paths: list[Path]) -> None:
     """The histogram and the numbers (as `fig4/<name>` summary values) in one W&B run; offline without a key."""
-    from icar.logging import wandb_mode
-
     mode = wandb_mode(c.logger)
     if c.logger.kind != LoggerKind.wandb or mode == "disabled":
         return
-    import wandb
+    import wandb  # imported only where a W&B run is made (seconds)
 
     run = wandb.init(project=c.logger.project, entity=c.logger.entity, group=c.logger.group,
                      tags=list(c.logger.tags), job_type="fig4", dir=str(run_dir),

@@ -14,14 +14,17 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from icar.analysis.sweep import AGGREGATE_DIR
+from icar import metrics
+from icar.orchestration.figures import AGGREGATE_DIR
 
 if TYPE_CHECKING:
     import wandb_workspaces.reports.v2 as wr
 
-METRIC = "val/mse_last"
-BASELINES = ("val/gd1/mse_last", "val/gdL/mse_last", "val/ols/mse_last")  # gdL: as many GD steps as layers
-RUN_METRICS = ("val/mse", METRIC, "val/gd1/mse_last", "val/ols/mse_last")
+METRIC = metrics.VAL_MSE_LAST
+GD_L = metrics.val(metrics.MSE_LAST, "gdL")  # a report column: as many GD steps as the run has layers
+BASELINES = (metrics.val(metrics.MSE_LAST, metrics.gd(1)), GD_L, metrics.val(metrics.MSE_LAST, metrics.OLS))
+RUN_METRICS = (metrics.VAL_MSE, METRIC, metrics.val(metrics.MSE_LAST, metrics.gd(1)),
+               metrics.val(metrics.MSE_LAST, metrics.OLS))
 ANALYSIS_FIGURES = ("mse_by_position", "head_orthogonality", "positional", "c_structure")  # icar.analysis.analyze
 REPORT_FILE = "report.html"
 TITLE_MAX = 128  # wandb-workspaces refuses longer report titles
@@ -66,7 +69,7 @@ def build_wandb_report(runs: pd.DataFrame, figure_names: list[str], swept: list[
         columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in swept]
         columns.append(wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(METRIC), log=True))
         panels.append(wr.ParallelCoordinatesPlot(title=f"{METRIC} across the swept values", columns=columns))
-    panels.append(wr.LinePlot(title="val/mse", x="trainer/global_step", y=["val/mse"], log_y=True))
+    panels.append(wr.LinePlot(title=metrics.VAL_MSE, x="trainer/global_step", y=[metrics.VAL_MSE], log_y=True))
     panels.append(wr.MediaBrowser(title="analysis figures", media_keys=analysis_media_keys(runs), num_columns=2))
     if figure_names:
         panels.append(wr.MediaBrowser(title="sweep aggregate", media_keys=[f"aggregate/{n}" for n in figure_names],
@@ -110,8 +113,8 @@ def _with_gd_matched(runs: pd.DataFrame) -> pd.DataFrame:
     """`val/gdL/mse_last`: GD with as many steps as the run's model has layers (docs/PAPER_NOTES.md §4.4), where logged."""
     if "model.n_layers" not in runs:
         return runs
-    gd = [run.get(f"val/gd{int(run['model.n_layers'])}/mse_last") for _, run in runs.iterrows()]
-    return runs.assign(**{"val/gdL/mse_last": gd}) if any(pd.notna(v) for v in gd) else runs
+    gd = [run.get(metrics.val(metrics.MSE_LAST, metrics.gd(run["model.n_layers"]))) for _, run in runs.iterrows()]
+    return runs.assign(**{GD_L: gd}) if any(pd.notna(v) for v in gd) else runs
 
 
 def summary_table(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:

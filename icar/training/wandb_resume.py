@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from icar.training.loggers import METRICS_FILE, read_metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,6 @@ def missing_records(records: list[dict[str, Any]], held: dict[int, set[str]], be
 def complete_offline_history(experiment: Any, run_dir: Path, resumed_step: int) -> int:
     """Log into the new segment `experiment` (a wandb Run) the recorded steps below `resumed_step` that the earlier
     offline segments lost; returns how many records were logged again."""
-    from icar.logging import METRICS_FILE, read_metrics
 
     if not (Path(run_dir) / METRICS_FILE).is_file():
         return 0

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from icar.failures import SIGTERM_EXIT, RunFailure, record_failure
+from icar.training.failures import SIGTERM_EXIT, RunFailure, record_failure
 
 SIGTERM_GRACE_S = 5.0  # time a rank has after SIGTERM to checkpoint and stop on its own
 # Lightning's registered names of DDP with its start method (lightning.pytorch.strategies.ddp.DDPStrategy)

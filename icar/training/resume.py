@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from icar.config import ConfigError
-from icar.logging import METRICS_FILE
+from icar.training.loggers import METRICS_FILE
 
 # may differ on resume without opt-in: how long and how often, what is logged and shown, where things go
 SAFE_KEYS = (

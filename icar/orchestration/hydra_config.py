@@ -1,0 +1,63 @@
+"""Hydra's side of the config: the schema registered under `train_schema` (the dataclasses of icar.config) and the
+resolvers that conf/ and sweeps/ use for run folders, launch ids and device counts."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from icar.config import TrainConfig
+
+
+def launch_id() -> str:
+    """This launch's id, shared by the processes it starts (DDP ranks, sweep workers inherit the environment): it
+    makes folders named to the second unique when two launches start in the same second."""
+    return os.environ.setdefault("ICAR_LAUNCH_ID", str(os.getpid()))
+
+
+def _resumed_run(ckpt_path: str | None) -> str | None:
+    if ckpt_path:
+        ckpt = os.path.abspath(ckpt_path)
+        if os.path.basename(os.path.dirname(ckpt)) == "checkpoints":
+            return os.path.dirname(os.path.dirname(ckpt))
+    return None
+
+
+def run_dir_for(ckpt_path: str | None, default: str) -> str:
+    """Hydra's output folder: for a resumed run (ckpt_path=RUN/checkpoints/x.ckpt) RUN/resumes/<time>-<id>, so that
+    the original's `.hydra/` stays as it was; others get `default`-<launch id>."""
+    run = _resumed_run(ckpt_path)
+    if run is not None:
+        return os.path.join(run, "resumes", f"{os.path.basename(default)}-{launch_id()}")
+    return f"{default}-{launch_id()}"
+
+
+def run_root_for(ckpt_path: str | None, output_dir: str) -> str:
+    """The run folder: a resumed run continues in RUN, others use Hydra's output folder."""
+    return _resumed_run(ckpt_path) or output_dir
+
+
+def gpu_count() -> int:
+    """GPUs visible to this process, at least 1 (conf/hydra/launcher/gpus.yaml: one parallel job per GPU)."""
+    return max(torch.cuda.device_count(), 1)
+
+
+def slurm_gpus(accelerator: str, devices: int) -> int | None:
+    """GPUs per node a SLURM job asks for (hydra/launcher/slurm.yaml): one per device, none for a CPU run (a
+    `--gpus-per-node` on a cluster without GPUs is refused at submission)."""
+    return None if str(accelerator) == "cpu" else int(devices)
+
+
+def register_configs() -> None:
+    """Register the schema (`train_schema`) with Hydra and the resolvers of conf/: `icar_run_dir`, `icar_run_root`,
+    `icar_launch_id` (train.yaml, sweeps/), `icar_gpu_count` (hydra/launcher/gpus.yaml) and `icar_slurm_gpus`
+    (hydra/launcher/slurm.yaml)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("icar_run_dir", run_dir_for, replace=True)
+    OmegaConf.register_new_resolver("icar_run_root", run_root_for, replace=True)
+    OmegaConf.register_new_resolver("icar_launch_id", launch_id, replace=True)
+    OmegaConf.register_new_resolver("icar_gpu_count", gpu_count, replace=True)
+    OmegaConf.register_new_resolver("icar_slurm_gpus", slurm_gpus, replace=True)
