@@ -127,22 +127,54 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """What every architecture has; `TransformerConfig` and `DiagonalConfig` add their own keys (model=linear,
+    model=softmax and model=diagonal pick one)."""
+
     arch: Arch = Arch.transformer
+    n_heads: int = 4
+    attention: Attention = Attention.linear
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    """The causal attention-only Transformer (icar/models/transformer.py). The defaults are `make train`'s model:
+    one layer, 4 heads and a learned multiplicative P, so that every run shows every analysis."""
+
+    arch: Arch = Arch.transformer
+    n_heads: int = 4  # several heads, so that head orthogonality is visible in every run
+    attention: Attention = Attention.linear  # token weights: q.k / sqrt(head_dim), or their softmax over t' <= t
     n_layers: int = 1
-    n_heads: int = 1
     head_dim: int = 0  # 0: d_model
     d_model: int = 0  # 0: the token width (3d augmented, d raw; doubled for complex data)
-    attention: Attention = Attention.linear
-    positional: Positional = Positional.none
+    positional: Positional = Positional.multiplicative
     embedding: Embedding = Embedding.repeat
     readout: Readout = Readout.auto
     layernorm: bool = True  # LayerNorm on each attention layer's output, as in the authors' scripts
     residual: bool = True
     bias: bool = False
-    init_std: float = 0.1  # diagonal model: std of the Gaussian initialisation of A, B, P
-    pe_only: bool = False  # diagonal model: C = B^T A fixed to I (A = B = I, n_heads = d), only P trained, from P = 0
     gd_blocks: bool = False  # keep only the blocks of Proposition 1 (query s_t, key s_{t-1}, value s_t, out: zero block)
     kernel: Kernel = Kernel.auto  # attention evaluation: auto | fast | explicit (the same function, other speeds)
+
+
+@dataclass
+class DiagonalConfig(ModelConfig):
+    """The reduced (A, B, P) model of Figure 3 (icar/models/diagonal.py), on raw tokens. Its `attention` is the
+    positional weighting: softmax makes each row of P a softmax over t <= tau (claim 7), the token scores stay
+    linear."""
+
+    arch: Arch = Arch.diagonal
+    n_heads: int = 10
+    attention: Attention = Attention.linear
+    init_std: float = 0.1  # std of the Gaussian initialisation of A, B, P
+    pe_only: bool = False  # C = B^T A fixed to I (A = B = I, n_heads = d), only P trained, from P = 0
+
+
+MODEL_CONFIGS: dict[Arch, type[ModelConfig]] = {Arch.transformer: TransformerConfig, Arch.diagonal: DiagonalConfig}
+
+
+def n_layers(model: ModelConfig) -> int:
+    """Attention layers of the model: the diagonal model is one layer (its GD reference takes one step)."""
+    return model.n_layers if isinstance(model, TransformerConfig) else 1
 
 
 @dataclass
@@ -196,7 +228,7 @@ class TrainConfig:
     run_dir: Optional[str] = None  # None: the current directory
     ckpt_path: Optional[str] = None  # resume from this checkpoint
     resume_override: bool = False  # resume although the model, data, optimiser or seed differ (recorded in resumes/)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=TransformerConfig)  # or DiagonalConfig
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -252,22 +284,27 @@ def validate(cfg: TrainConfig) -> None:
         dt.start != Start.phase or dt.family == Family.unitary or dt.d % 2 == 0,
         f"data.start=phase needs an even data.d for real families (one phase per 2x2 block), got {dt.d}",
     )
-    _require(m.n_layers >= 1, f"model.n_layers must be >= 1, got {m.n_layers}")
+    _require(
+        isinstance(m, MODEL_CONFIGS[m.arch]),
+        f"model.arch={m.arch.value} does not match the model's keys ({type(m).__name__}): choose the architecture"
+        f" with model={'diagonal' if m.arch == Arch.diagonal else 'linear'} instead of setting model.arch",
+    )
     _require(m.n_heads >= 1, f"model.n_heads must be >= 1, got {m.n_heads}")
-    _require(m.head_dim >= 0, f"model.head_dim must be >= 1 (or 0 for d_model), got {m.head_dim}")
-    _require(m.d_model >= 0, f"model.d_model must be >= 1 (or 0 for the token width), got {m.d_model}")
-    _require(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
-    if m.arch == Arch.diagonal:
+    if isinstance(m, DiagonalConfig):
+        _require(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
         _require(
             dt.tokens == Tokens.raw,
             "model.arch=diagonal reads raw tokens: set data.tokens=raw (or use model=diagonal with data defaults)",
         )
-    _require(
-        not m.pe_only or (m.arch == Arch.diagonal and m.n_heads == dt.d),
-        f"model.pe_only=true fixes C = B^T A = I in the diagonal model: it needs model.arch=diagonal and"
-        f" model.n_heads == data.d (got arch={m.arch.value}, n_heads={m.n_heads}, d={dt.d})",
-    )
-    if m.arch == Arch.transformer:
+        _require(
+            not m.pe_only or m.n_heads == dt.d,
+            f"model.pe_only=true fixes C = B^T A = I in the diagonal model: it needs model.n_heads == data.d"
+            f" (got n_heads={m.n_heads}, d={dt.d})",
+        )
+    if isinstance(m, TransformerConfig):
+        _require(m.n_layers >= 1, f"model.n_layers must be >= 1, got {m.n_layers}")
+        _require(m.head_dim >= 0, f"model.head_dim must be >= 1 (or 0 for d_model), got {m.head_dim}")
+        _require(m.d_model >= 0, f"model.d_model must be >= 1 (or 0 for the token width), got {m.d_model}")
         width = (3 if dt.tokens == Tokens.augmented else 1) * (2 if dt.family == Family.unitary else 1) * dt.d
         _require(
             m.embedding != Embedding.repeat or m.d_model % width == 0,

@@ -8,7 +8,7 @@ For each configuration it measures, in one process and on one device:
      sampler's kernels, which then run on the training stream), and the cost of drawing one:
      `SequenceStream.batch(step)` alone, same batch size, same device, divided by the Lightning step time;
   3. a plain torch loop over the same model, data, loss, optimiser and scheduler (ICARModule used without a
-     Trainer: `predict_sequences`, `squared_error`, `configure_optimizers`), and Lightning's overhead as
+     Trainer: `predict_sequences`, `icar.objective.squared_error`, `configure_optimizers`), and Lightning's overhead as
      (Lightning time per step) / (plain-loop time per step);
   4. the authors' own model class for the configuration (scripts/authors_models.py: Figure 5's augmented.py,
      Figure 7's non_augmented.py), same batch, same sequences, their nn.MSELoss and Adam, in the same process,
@@ -68,6 +68,7 @@ from icar.training.config_io import to_dataclass, to_plain_dict  # noqa: E402
 from icar.data.tokens import encode_tokens  # noqa: E402
 from icar.data.stream import SequenceStream  # noqa: E402
 from icar.data.sequences import SequenceSampler  # noqa: E402
+from icar.objective import squared_error  # noqa: E402
 from icar.training.module import ICARModule  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -264,7 +265,7 @@ class PlainLoop:
         module = self.module
         s, _ = next(self.batches)
         pred, target = module.predict_sequences(s)
-        err = module.squared_error(pred, target)
+        err = squared_error(pred, target)
         loss = err[:, -1].mean() if self.last_only else err[:, module.t0 :].mean()
         self.optimizer.zero_grad()
         loss.backward()
@@ -348,7 +349,7 @@ def step_flops(cfg: DictConfig, device: torch.device) -> int:
     s, _ = SequenceStream(SequenceSampler(c.data), c.data.batch_size, c.seed, 0, 0, device).batch(0)
     with FlopCounterMode(display=False) as counter:
         pred, target = module.predict_sequences(s)
-        module.squared_error(pred, target).mean().backward()
+        squared_error(pred, target).mean().backward()
     return counter.get_total_flops()
 
 
@@ -408,7 +409,7 @@ def step_limits(cfg: DictConfig, device: torch.device, passes: int = 3) -> dict[
 
     def step() -> None:
         pred, target = module.predict_sequences(s)
-        module.squared_error(pred, target)[:, module.t0 :].mean().backward()
+        squared_error(pred, target)[:, module.t0 :].mean().backward()
 
     step()
     with ByteCounter() as counter:

@@ -172,12 +172,12 @@ def _claim_once(lock_dir: Path) -> list[int]:
 def test_multi_device_jobs_of_a_local_sweep_use_ddp_spawn(monkeypatch):
     """Plain ddp re-executes the command line (which would restart the sweep): inside a local sweep it becomes
     ddp_spawn; a single run and a SLURM job keep their strategy."""
-    import icar.training.run as train
+    import icar.orchestration.job as job
 
     trainer = TrainerConfig(accelerator="cpu", devices=2, strategy="ddp")
-    assert train.sweep_job_devices(trainer)[:2] == (2, "ddp")  # not in a sweep
+    assert job.job_devices(trainer)[:2] == (None, "ddp")  # not in a sweep: trainer.devices of them, ddp
     for launcher, strategy in (("hydra._internal.core_plugins.basic_launcher.BasicLauncher", "ddp_spawn"),
                                ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "ddp_spawn"),
                                ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "ddp")):
-        monkeypatch.setattr(train, "sweep_launcher", lambda: launcher)
-        assert train.sweep_job_devices(trainer)[:2] == (2, strategy), launcher
+        monkeypatch.setattr(job, "sweep_launcher", lambda: launcher)
+        assert job.job_devices(trainer)[:2] == (None, strategy), launcher

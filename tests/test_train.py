@@ -17,6 +17,7 @@ from icar.config import LoggerConfig, WandbMode
 from icar.training.config_io import to_dataclass, to_plain_dict
 from icar.training.datamodule import ARDataModule
 from icar.training.loggers import read_metrics, wandb_mode
+from icar.objective import squared_error
 from icar.run import run
 from icar.training.module import ICARModule
 from tests.conftest import CONF_DIR, FAST, REPO
@@ -104,7 +105,7 @@ def test_loss_on_last_position(make_cfg):
     module = ICARModule(to_dataclass_dict(cfg))
     s, W = ARDataModule(module.cfg.data, module.cfg.seed).sampler.sample(8, torch.Generator().manual_seed(0))
     pred, target = module.predict_sequences(s)
-    err = module.squared_error(pred, target)
+    err = squared_error(pred, target)
     module.log = lambda *a, **k: None  # no trainer attached
     loss = module.training_step((s, W), 0)
     loss = loss.item()

@@ -26,6 +26,7 @@ from icar.config import Basis, Family, Start
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import realify
 from icar.models.diagonal import DiagonalAttention
+from icar.objective import squared_error
 from icar.theory import distance_to_optimum, head_balance
 from icar.training.module import ICARModule
 
@@ -56,7 +57,7 @@ def evaluate_curves(module: Any, s: torch.Tensor, W: torch.Tensor, batch_size: i
         for i in range(0, len(s), batch_size):
             sb, Wb = s[i : i + batch_size].to(device), W[i : i + batch_size].to(device)
             pred, target = module.predict_sequences(sb)
-            errors = {"model": module.squared_error(pred, target), **module.baseline_errors(sb, Wb)}
+            errors = {"model": squared_error(pred, target), **module.baseline_errors(sb, Wb)}
             for name, err in errors.items():
                 sums[name] = sums.get(name, 0) + err.double().sum(0).cpu()
     return {name: (total / len(s)).tolist() for name, total in sums.items()}

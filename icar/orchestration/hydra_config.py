@@ -1,4 +1,5 @@
-"""Hydra's side of the config: the schema registered under `train_schema` (the dataclasses of icar.config) and the
+"""Hydra's side of the config: the schema registered under `train_schema` (the dataclasses of icar.config, the
+model's architecture left to the `model` group), the architectures' schemas that conf/model/*.yaml extend, and the
 resolvers that conf/ and sweeps/ use for run folders, launch ids and device counts."""
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from icar.config import TrainConfig
+from icar.config import DiagonalConfig, TransformerConfig
+from icar.training.config_io import schema
 
 
 def launch_id() -> str:
@@ -55,7 +57,10 @@ def register_configs() -> None:
     """Register the schema (`train_schema`) with Hydra and the resolvers of conf/: `icar_run_dir`, `icar_run_root`,
     `icar_launch_id` (train.yaml, sweeps/), `icar_gpu_count` (hydra/launcher/gpus.yaml) and `icar_slurm_gpus`
     (hydra/launcher/slurm.yaml)."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=schema())
+    store.store(group="model", name="transformer_schema", node=TransformerConfig)  # conf/model/linear.yaml, softmax
+    store.store(group="model", name="diagonal_schema", node=DiagonalConfig)  # conf/model/diagonal.yaml
     OmegaConf.register_new_resolver("icar_run_dir", run_dir_for, replace=True)
     OmegaConf.register_new_resolver("icar_run_root", run_root_for, replace=True)
     OmegaConf.register_new_resolver("icar_launch_id", launch_id, replace=True)

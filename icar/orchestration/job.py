@@ -22,7 +22,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from icar.config import ConfigError, TrainConfig, TrainerConfig, validate
+from icar.config import ConfigError, TrainConfig, TrainerConfig, n_layers, validate
 from icar.orchestration.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
 from icar.training.config_io import to_dataclass
 from icar.training.failures import RunFailure, failure_line, record_failure
@@ -147,7 +147,7 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
         remove_if_unstarted(output_dir)
         sys.exit(line)
     if not multirun and rank_zero_only.rank == 0:
-        layers = 1 if train_cfg.model.arch.value == "diagonal" else train_cfg.model.n_layers
-        print(closing_block(metrics, Path(train_cfg.run_dir or output_dir), layers, time.monotonic() - start),
+        print(closing_block(metrics, Path(train_cfg.run_dir or output_dir), n_layers(train_cfg.model),
+                            time.monotonic() - start),
               flush=True)
     return metrics

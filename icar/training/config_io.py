@@ -7,15 +7,33 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from icar.config import TrainConfig
+from icar.config import MODEL_CONFIGS, Arch, ModelConfig, TrainConfig
+
+
+def schema() -> DictConfig:
+    """The schema with the architecture left open: `model` is typed by the shared `ModelConfig`, and merging a
+    `TransformerConfig` or a `DiagonalConfig` into it (conf/model/*.yaml do) gives the node that type."""
+    return OmegaConf.structured(TrainConfig(model=ModelConfig()))
+
+
+def model_class(cfg: DictConfig | dict[str, Any]) -> type[ModelConfig]:
+    """The model config class of `cfg`: its model node's own type when it has one (a composed Hydra config), else
+    the class of its `model.arch` (a plain dict, e.g. a checkpoint's hyperparameters); the transformer by default."""
+    node = cfg.get("model") if isinstance(cfg, (DictConfig, dict)) else None
+    if isinstance(node, DictConfig):
+        typed = OmegaConf.get_type(node)
+        if isinstance(typed, type) and issubclass(typed, ModelConfig) and typed is not ModelConfig:
+            return typed
+    arch = node.get("arch") if node is not None else None
+    return MODEL_CONFIGS[Arch(arch)] if arch is not None else MODEL_CONFIGS[Arch.transformer]
 
 
 def to_dataclass(cfg: DictConfig | TrainConfig | dict[str, Any]) -> TrainConfig:
-    """Merge `cfg` onto the schema (type-checking every key) and return a `TrainConfig` object."""
+    """Merge `cfg` onto the schema of its architecture (type-checking every key) and return a `TrainConfig`."""
     if isinstance(cfg, TrainConfig):
         return cfg
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    typed = OmegaConf.merge(schema(), {"model": OmegaConf.structured(model_class(cfg))})
+    return OmegaConf.to_object(OmegaConf.merge(typed, cfg))  # type: ignore[return-value]
 
 
 def to_plain_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from icar.config import (
     TrainConfig,
     Tokens,
     available_devices,
+    n_layers,
 )
 from icar.models.transformer import AttentionPath, choose_path
 
@@ -83,7 +84,7 @@ def element_bytes(precision: str, complex_valued: bool = False) -> int:
 def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
     """The estimate of one rank's memory, in bytes, split into the terms above."""
     m, dt = cfg.model, cfg.data
-    B, T, d, L, H = dt.batch_size, dt.T, dt.d, m.n_layers, m.n_heads
+    B, T, d, L, H = dt.batch_size, dt.T, dt.d, n_layers(m), m.n_heads
     complex_data = dt.family == Family.unitary
     f = element_bytes(cfg.trainer.precision, complex_data and m.arch == Arch.diagonal)
     val_batch = max(1, min(B, math.ceil(dt.val_size / (cfg.trainer.devices * cfg.trainer.num_nodes))))
