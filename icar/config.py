@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
+import torch
+
 
 
 class Family(str, Enum):
@@ -253,8 +255,6 @@ PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mi
 
 def available_devices(accelerator: str) -> tuple[str, int]:
     """The accelerator `auto` resolves to here, and how many devices of it this machine has."""
-    import torch
-
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "gpu", torch.cuda.device_count()
     if accelerator == "mps" or (accelerator in ("auto", "gpu") and torch.backends.mps.is_available()):

@@ -9,9 +9,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from icar.config import ConfigError, Family, TrainConfig, validate
-
-from icar.training.config_io import to_dataclass
+from icar.config import ConfigError, DiagonalConfig, Family, TrainConfig, TransformerConfig, validate
+from icar.training.config_io import to_dataclass, to_plain_dict
 from tests.conftest import CONF_DIR, REPO
 
 
@@ -21,6 +20,36 @@ def test_default_config_composes_typed(make_cfg):
     validate(cfg)
     assert isinstance(cfg, TrainConfig)
     assert cfg.data.family == Family.orthogonal and cfg.model.n_heads == 4
+
+
+def test_the_dataclasses_are_the_defaults(make_cfg):
+    """`run(TrainConfig())` from Python trains what `make train` trains: the YAML adds nothing to the defaults
+    but the run folder (a Hydra interpolation)."""
+    composed = to_plain_dict(to_dataclass(make_cfg()))
+    default = to_plain_dict(TrainConfig())
+    assert {k: v for k, v in composed.items() if k != "run_dir"} == {k: v for k, v in default.items() if k != "run_dir"}
+
+
+@pytest.mark.parametrize("overrides, cls, absent", [
+    ([], TransformerConfig, "init_std"),
+    (["model=softmax"], TransformerConfig, "pe_only"),
+    (["model=diagonal"], DiagonalConfig, "n_layers"),
+    (["experiment=unitary_diagonal"], DiagonalConfig, "positional"),
+])
+def test_each_architecture_has_its_own_model_config(make_cfg, overrides, cls, absent):
+    """model=linear|softmax give a TransformerConfig, model=diagonal a DiagonalConfig; neither takes the other's keys
+    (a misspelt or foreign key fails at composition) and a checkpoint's plain dict comes back as the same class."""
+    cfg = to_dataclass(make_cfg(*overrides))
+    assert type(cfg.model) is cls
+    assert absent not in to_plain_dict(cfg)["model"]
+    assert type(to_dataclass(to_plain_dict(cfg)).model) is cls
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        make_cfg(*overrides, f"model.{absent}=1")
+
+
+def test_model_arch_cannot_contradict_the_model_group(make_cfg):
+    with pytest.raises(ConfigError, match="model.arch=diagonal does not match"):
+        validate(to_dataclass(make_cfg("model.arch=diagonal")))
 
 
 @pytest.mark.parametrize(

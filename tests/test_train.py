@@ -47,6 +47,15 @@ def test_run_folder_and_metrics(make_cfg, tmp_path):
     assert math.isclose(sum(curve) / len(curve), metrics["val/mse"], rel_tol=1e-5)
     assert math.isclose(curve[-1], metrics["val/mse_last"], rel_tol=1e-5)
     assert json.loads((folder / "summary.json").read_text())["global_step"] == 4
+    assert_curves_share_the_steps_of_val_metrics(records)
+
+
+def assert_curves_share_the_steps_of_val_metrics(records: list[dict]) -> None:
+    """The per-position curves are logged beside Lightning's logger, under the step it logs val/* under (private loop
+    state, see ICARModule.on_validation_epoch_end): each validation's curve and scalars carry one step."""
+    curve_steps = [r["step"] for r in records if "val/mse_by_pos" in r]
+    scalar_steps = [r["step"] for r in records if "val/mse" in r]
+    assert curve_steps and curve_steps == scalar_steps
 
 
 def test_trivial_baselines_are_exact(make_cfg):
@@ -193,6 +202,9 @@ def test_interrupted_run_loses_nothing(make_cfg, tmp_path):
     assert resumed["global_step"] == 12
     w_full, w_cut = _load(tmp_path / "full/checkpoints/last.ckpt"), _load(tmp_path / "cut/checkpoints/last.ckpt")
     assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert_curves_share_the_steps_of_val_metrics(cut)  # also across the resume from interrupted.ckpt
+    assert [r["step"] for r in cut if "val/mse_by_pos" in r] == [r["step"] for r in full if "val/mse_by_pos" in r]
 
 
 def test_multirun_gives_one_wandb_run_per_job(tmp_path):

@@ -12,9 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import torch
+from pydoc_data.topics import topics
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 WORDLLAMA_WEIGHTS = "weights/l2_supercat_256.safetensors"
 WORDLLAMA_TOKENIZER = "tokenizers/l2_supercat_tokenizer_config.json"
@@ -44,11 +48,6 @@ def load_embedding_source(source: str) -> EmbeddingSource:
 
 def _wordllama() -> EmbeddingSource:
     """The table and tokenizer files shipped inside the wordllama wheel, read with safetensors and tokenizers."""
-    from importlib.resources import files
-
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer
-
     root = files("wordllama")
     table = load_file(str(root / WORDLLAMA_WEIGHTS))[WORDLLAMA_KEY].double()  # (32000, 256), stored as float16
     tokenizer = Tokenizer.from_file(str(root / WORDLLAMA_TOKENIZER))
@@ -63,7 +62,7 @@ def _wordllama() -> EmbeddingSource:
 
 def _huggingface(name: str) -> EmbeddingSource:
     """`AutoTokenizer` and `AutoModel(...).get_input_embeddings().weight` of a transformers model."""
-    try:
+    try:  # the optional extra icar[hf]: imported only for source=hf:...
         from transformers import AutoModel, AutoTokenizer
     except ImportError as err:
         raise ImportError(f"source=hf:{name} needs transformers: pip install 'icar[hf]'") from err
@@ -83,8 +82,6 @@ def load_corpus(text: str) -> tuple[str, list[str]]:
     Python (`pydoc_data.topics`, ~465 kB of English prose with some grammar): no download at run time, where the
     authors' Moby Dick needs NLTK's Gutenberg corpus to be fetched first."""
     if text == PYDOC:
-        from pydoc_data.topics import topics
-
         return "pydoc_data.topics", paragraphs("\n\n".join(topics[k] for k in sorted(topics)))
     path = Path(text).expanduser()
     if not path.is_file():

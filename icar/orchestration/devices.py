@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import IO, Iterator
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 
 @contextlib.contextmanager
 def claim_devices(n: int, total: int, lock_dir: Path, poll_s: float = 1.0,
@@ -63,9 +66,6 @@ def _release(held: list[tuple[int, IO[str]]]) -> None:
 
 def sweep_launcher() -> str | None:
     """The launcher (`_target_`) of the Hydra multirun this job belongs to; None outside a multirun."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return str(HydraConfig.get().launcher.get("_target_", ""))
@@ -74,8 +74,6 @@ def sweep_launcher() -> str | None:
 def parallel_sweep_lock_dir() -> Path | None:
     """Where this job's device locks live when it runs under the joblib launcher (jobs in parallel on this
     machine): `<sweep dir>/.devices/<host>`; None for a single run or another launcher."""
-    from hydra.core.hydra_config import HydraConfig
-
     if "JoblibLauncher" not in (sweep_launcher() or ""):
         return None
     return Path(HydraConfig.get().sweep.dir).absolute() / ".devices" / socket.gethostname()

@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from icar.config import ConfigError, TrainConfig, TrainerConfig, n_layers, validate
+from icar.orchestration.closing import closing_block
 from icar.orchestration.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
 from icar.training.config_io import to_dataclass
 from icar.training.failures import RunFailure, failure_line, record_failure
@@ -130,7 +131,6 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     # Lightning is imported only once the config is valid: a bad value is refused in about 2 s instead of 6
     from lightning.pytorch.utilities import rank_zero_only
 
-    from icar.orchestration.closing import closing_block
     from icar.orchestration.tuning import trial_callbacks
     from icar.run import run
 

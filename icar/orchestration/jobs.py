@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,8 +35,6 @@ class Job:
 
 def checkpoint_step(path: Path) -> int | None:
     """global_step of a checkpoint, read without loading its tensors into memory; None when unreadable."""
-    import torch
-
     try:
         return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
     except Exception:
@@ -66,9 +67,6 @@ def planned_jobs(sweep_dir: Path) -> int | None:
     saved = Path(sweep_dir) / "multirun.yaml"
     if not saved.is_file():
         return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     cfg = OmegaConf.load(saved)
     if cfg.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
         return None

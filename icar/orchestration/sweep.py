@@ -82,8 +82,6 @@ def finish_sweep(sweep_dir: Path, title: str, log_to_wandb: bool = True, figure:
     figures = aggregate(sweep_dir)
     numbers, figure_error = None, None
     if figure:
-        from icar.claims.figures import make_figure
-
         try:
             record = make_figure(figure, sweep_dir)
         except Exception as err:  # the table, report and W&B aggregate are still written; raised at the end

@@ -10,6 +10,9 @@ Optuna does not store the pruner in the study, so the job rebuilds it from that 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import threading
+import warnings
 import json
 import logging
 import os
@@ -185,8 +188,6 @@ def exclusive_ask(url: str, study_name: str) -> Iterator[None]:
         finally:
             engine.dispose()
     elif url.startswith("sqlite:///"):
-        import fcntl
-
         with open(url.removeprefix("sqlite:///") + f".{zlib.crc32(study_name.encode()):08x}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -202,8 +203,6 @@ def build_storage(url: str, heartbeat_interval: int | None, grace_period: int | 
     """The study's RDB storage with Optuna's heartbeat: a RUNNING trial whose worker has not recorded a heartbeat for
     `grace_period` seconds is failed by `optuna.storages.fail_stale_trials` and retried up to `max_retry` times as a
     WAITING copy (same parameters), which the next `ask` of any worker takes."""
-    import warnings
-
     import optuna
 
     if heartbeat_interval is None:
@@ -220,8 +219,6 @@ def build_storage(url: str, heartbeat_interval: int | None, grace_period: int | 
 def heartbeat(storage: Any, trial_ids: list[int]) -> Iterator[None]:
     """Record a heartbeat for each of `trial_ids` now and every heartbeat interval until the block ends (a daemon
     thread: a worker that dies, however, stops beating and its trials go stale)."""
-    import threading
-
     interval = getattr(storage, "heartbeat_interval", None)
     if interval is None or not trial_ids:
         yield

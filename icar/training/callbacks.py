@@ -65,7 +65,7 @@ class CheckpointOnInterrupt(Callback):
         self._saving = True
         try:
             if is_collective_failure(exception):  # another rank is gone: rank 0 saves alone, without a barrier
-                if trainer.is_global_zero:
+                if trainer.is_global_zero:  # private too: trainer.save_checkpoint would wait in a barrier for the dead
                     checkpoint = trainer._checkpoint_connector.dump_checkpoint()
                     trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
                 return
@@ -76,6 +76,10 @@ class CheckpointOnInterrupt(Callback):
             self._saving = False
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Mark the interrupted step as the last one done. This writes Lightning's private loop state (the Lightning
+        2.6 layout of `loops.fit_loop`, pinned in constraints-gpu.txt): Lightning has no public way to checkpoint
+        between steps and resume at the next one. tests/test_train.py::test_interrupted_run_loses_nothing and
+        tests/test_faults.py fail if a Lightning release changes that layout."""
         if not self._saving:
             return
         step = trainer.global_step  # optimiser steps done (no gradient accumulation here); one epoch only

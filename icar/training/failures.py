@@ -7,6 +7,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+from icar.config import ConfigError
+
 SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's convention for "killed by SIGTERM"
 FAILURE_FILE = "failure.txt"
 
@@ -25,8 +27,6 @@ class Interrupted(SystemExit):
 
 def failure_line(err: BaseException) -> str | None:
     """The one line that records why a run ended early, or None when it did not fail (a clean exit, a requeue)."""
-    from icar.config import ConfigError
-
     if isinstance(err, Interrupted):
         return err.line
     if isinstance(err, ConfigError):

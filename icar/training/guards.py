@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from icar.training.failures import SIGTERM_EXIT, RunFailure
+from icar.training.slurm import requeue_requested
 
 __all__ = ["SIGTERM_EXIT", "RunFailure", "Diverged", "DivergenceGuard", "is_being_requeued", "finite_or_none"]
 
@@ -44,8 +45,6 @@ class DivergenceGuard(Callback):
 def is_being_requeued(run_dir: Path) -> bool:
     """True when this SLURM job is being requeued: after its requeue signal the run wrote its checkpoint and asked
     submitit to requeue it (`icar.training.slurm.RequeueOnSignal`), so the SIGTERM is expected and is not a failure."""
-    from icar.training.slurm import requeue_requested
-
     return requeue_requested()
 
 

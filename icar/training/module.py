@@ -123,7 +123,7 @@ class ICARModule(pl.LightningModule):
             # The curves go under the step Lightning's logger writes val/* under. That is private loop state
             # (`_batches_that_stepped`, Lightning 2.6): no public attribute holds it, and `global_step` differs from
             # it after a resume from interrupted.ckpt (icar.training.callbacks.CheckpointOnInterrupt). Pinned by
-            # tests/test_train.py::test_curves_share_the_step_of_val_metrics.
+            # tests/test_train.py (assert_curves_share_the_steps_of_val_metrics, also across such a resume).
             step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
             log_curves(self.trainer.loggers, step, positions, labelled, metrics.VAL_MSE_BY_POS)
 
