@@ -5,12 +5,13 @@ VENV ?= .venv
 # already in $(VENV): make install CONSTRAINTS=constraints-gpu.txt (the same pins, torch left alone).
 CONSTRAINTS ?= constraints.txt
 ARGS ?=
-# Sweeps: SCALE=quick runs sweeps/<name>_quick.yaml (CPU, minutes), SCALE=paper sweeps/<name>.yaml (GPUs). The sweep-*
-# targets default to paper, the figure targets (fig3, ..., figures) to quick (alias: cpu).
+# Sweeps: SCALE=cpu runs sweeps/<name>_quick.yaml (CPU, minutes; SCALE=quick is the same), SCALE=paper
+# sweeps/<name>.yaml (GPUs): the scales of icar.claims.base.Scale. The sweep-* targets default to paper, the figure
+# targets (fig3, ..., figures) to cpu; each claim module's protocol names the same sweep files.
 SCALE ?=
-suffix_for = $(if $(filter quick cpu,$(1)),_quick,$(if $(filter paper,$(1)),,$(error SCALE must be quick (or cpu) or paper, got '$(1)')))
+suffix_for = $(if $(filter cpu quick,$(1)),_quick,$(if $(filter paper,$(1)),,$(error SCALE must be cpu (or quick) or paper, got '$(1)')))
 SWEEP_SUFFIX = $(call suffix_for,$(or $(SCALE),paper))
-FIG_SUFFIX = $(call suffix_for,$(or $(SCALE),quick))
+FIG_SUFFIX = $(call suffix_for,$(or $(SCALE),cpu))
 # a figure sweep: its record (aggregate/figure.json) names the make command that produced it
 figure_command = ICAR_COMMAND="make $(1)$(if $(SCALE), SCALE=$(SCALE))$(if $(ARGS), ARGS='$(ARGS)')"
 figure_sweep = $(call figure_command,$(1)) $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(ARGS)
@@ -61,16 +62,16 @@ sweep-T: $(STAMP) ## MSE vs context length T against one GD step (SCALE=quick | 
 sweep-d: $(STAMP) ## MSE vs dimension d against one GD step (SCALE=quick | paper)
 	$(PY) scripts/train.py -m --config-dir sweeps --config-name d$(SWEEP_SUFFIX) $(ARGS)
 
-prop2: $(STAMP) ## Claim 1: one augmented layer = one GD step (SCALE=quick (default) | paper)
+prop2: $(STAMP) ## Claim 1: one augmented layer = one GD step (SCALE=cpu (default) | paper)
 	$(call figure_sweep,prop2,prop2)
 
 fig3: $(STAMP) ## Figure 3: A, B, B^T A, P of the diagonal model, unitary and rotation contexts
 	$(call figure_sweep,fig3,fig3)
 
-fig4: $(STAMP) ## Figure 4: AR(1) fits of real token embeddings vs shuffled (wordllama's table, no download)
+fig4: $(STAMP) ## Figure 4: AR(1) fits of real token embeddings vs shuffled (SCALE=paper: every window)
 	$(call figure_command,fig4) $(PY) scripts/fig4.py $(if $(FIG_SUFFIX),,max_windows=0) $(ARGS)
 
-fig5: $(STAMP) ## Figure 5: MSE vs depth against L steps of GD (SCALE=quick (default) | paper)
+fig5: $(STAMP) ## Figure 5: MSE vs depth against L steps of GD (SCALE=cpu (default) | paper)
 	$(call figure_sweep,fig5,fig5)
 
 fig6: $(STAMP) ## Figure 6: positional encoding only, d = 1, mu = 50..300
@@ -82,7 +83,7 @@ fig7: $(STAMP) ## Figure 7: multi-head, raw tokens, general orthogonal W: MSE, h
 softmax-vs-linear: $(STAMP) ## Claim 7: the protocols with linear and softmax attention side by side
 	$(call figure_sweep,softmax-vs-linear,softmax_vs_linear)
 
-figures: ## Every figure, then REPRODUCTION.md (SCALE=quick: about 20 min on 2 CPU cores; SCALE=paper: GPUs)
+figures: ## Every figure, then REPRODUCTION.md (SCALE=cpu: about 20 min on 2 CPU cores; SCALE=paper: GPUs)
 	@# -k: one failing figure does not stop the others; REPRODUCTION.md is written either way, make still fails
 	$(MAKE) -k prop2 fig3 fig4 fig5 fig6 fig7 softmax-vs-linear; status=$$?; $(MAKE) reproduction && exit $$status
 

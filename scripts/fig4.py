@@ -7,8 +7,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from icar.config import ConfigError
 from icar.claims.fig4 import run_fig4, to_fig4_config
+from icar.config import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fig4")
@@ -18,10 +18,10 @@ def main(cfg: DictConfig) -> dict:
         to_fig4_config(cfg)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    numbers = run_fig4(cfg)
-    print(f"fig4: exact fits {numbers['fraction_exact_real']:.2%} real vs {numbers['fraction_exact_shuffled']:.2%} "
-          f"shuffled of {numbers['n_windows']} windows; {cfg.run_dir}")
-    return numbers
+    n = run_fig4(cfg)
+    print(f"fig4: exact fits {n.sets['real'].fraction_exact:.2%} real vs {n.sets['shuffled'].fraction_exact:.2%} "
+          f"shuffled of {n.n_windows} windows; {cfg.run_dir}")
+    return n.to_json()
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     python scripts/reproduction.py                          # REPRODUCTION.md from multirun/ and runs/
     python scripts/reproduction.py --figure fig3 SWEEP_DIR  # redo SWEEP_DIR/aggregate/figure.json, then the above
 
-The records (figure.json) are written at the end of every figure target (make fig3, ..., make figures); the
-verdict rules live in icar/claims/verdicts.py.
+The records (figure.json) are written at the end of every figure target (make fig3, ..., make figures); each
+claim's verdict rule lives in its module, icar/claims/<figure>.py.
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from icar.claims.figures import FIGURES  # noqa: E402
-from icar.claims.verdicts import CLAIMS  # noqa: E402
-from icar.orchestration.figures import make_figure  # noqa: E402
+from icar.claims.registry import FIGURES  # noqa: E402
+from icar.orchestration.figures import make_figure, sweep_figures  # noqa: E402
 from icar.orchestration.reproduction import newest_records, write_reproduction  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", nargs="?", type=Path, help="with --figure: the finished figure sweep")
-    parser.add_argument("--figure", help="redraw this figure (prop2, fig3, fig5, fig6, fig7, softmax_vs_linear)")
+    parser.add_argument("--figure", help=f"redraw this figure ({', '.join(sweep_figures())})")
     parser.add_argument("--out", type=Path, default=REPO / "REPRODUCTION.md")
     parser.add_argument("--roots", nargs="+", type=Path, default=[REPO / "multirun", REPO / "runs"],
                         help="folders searched for figure.json records (default: the checkout's multirun/ and runs/)")
@@ -34,8 +33,8 @@ def main() -> int:
     if args.figure:
         if args.sweep_dir is None or not args.sweep_dir.is_dir():
             parser.error(f"--figure {args.figure} needs the sweep folder it was run in, got {args.sweep_dir}")
-        if args.figure not in FIGURES:
-            parser.error(f"--figure must be one of {', '.join(FIGURES)}, got {args.figure!r}")
+        if args.figure not in sweep_figures():
+            parser.error(f"--figure must be one of {', '.join(sweep_figures())}, got {args.figure!r}")
         try:
             record = make_figure(args.figure, args.sweep_dir)
         except (FileNotFoundError, ValueError) as err:  # no finished runs, or runs of another sweep
@@ -43,7 +42,7 @@ def main() -> int:
         print(f"{args.figure}: {', '.join(record.figures)}")
     records = newest_records(args.roots)
     path = write_reproduction(args.out, args.roots)
-    print(f"{path}: {len(records)} of {len({c.figure for c in CLAIMS})} figures recorded")
+    print(f"{path}: {len(records)} of {len(FIGURES)} figures recorded")
     for line in path.read_text().splitlines():
         if line.startswith("| ") and "**" in line:
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip("|"))]  # cells hold escaped pipes

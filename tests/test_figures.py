@@ -15,33 +15,42 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from icar.claims.base import NOT, PARTLY, REPRODUCED, Scale
+from icar.claims.fig4 import Fig4Numbers, judge_fig4
+from icar.claims.fig5 import Fig5Numbers, judge_fig5
 from icar.claims.record import FigureRecord
-from icar.claims.verdicts import CLAIMS, NOT, PARTLY, REPRODUCED, judge_fig4, judge_fig5
-from icar.orchestration.reproduction import render
+from icar.claims.registry import CLAIMS, FIGURES
 from icar.config import ConfigError, TrainConfig, validate
+from icar.orchestration.figures import sweep_figures
+from icar.orchestration.reproduction import render
 from icar.training.config_io import to_dataclass
 from tests.conftest import FAST, REPO
 from tests.test_sweeps import compose_sweep, expand
 
-# figure -> (sweep config, overrides that narrow its grid for the smoke run, jobs at paper scale, jobs at CPU scale)
+# figure -> (overrides that narrow its grid for the smoke run, jobs at paper scale, jobs at CPU scale); the sweep
+# configs are the claim's protocol (icar/claims/<figure>.py)
 FIGURE_SWEEPS = {
-    "prop2": ("prop2", [], 3, 1),
-    "fig3": ("fig3", [], 2, 2),
-    "fig5": ("fig5", ["model.n_layers=1,2", "seed=0"], 24, 8),
-    "fig6": ("fig6", ["data.mu=50,300"], 4, 4),
-    "fig7": ("fig7", [], 3, 1),
-    "softmax_vs_linear": ("softmax_vs_linear", ["experiment=augmented_depth,rotation_diagonal"], 24, 8),
+    "prop2": ([], 3, 1),
+    "fig3": ([], 2, 2),
+    "fig5": (["model.n_layers=1,2", "seed=0"], 24, 8),
+    "fig6": (["data.mu=50,300"], 4, 4),
+    "fig7": ([], 3, 1),
+    "softmax_vs_linear": (["experiment=augmented_depth,rotation_diagonal"], 24, 8),
 }
 
 
-@pytest.mark.parametrize("scale", ["paper", "quick"])
+def test_every_sweep_figure_is_smoke_tested():
+    assert set(FIGURE_SWEEPS) == set(sweep_figures())
+
+
+@pytest.mark.parametrize("scale", list(Scale))
 @pytest.mark.parametrize("figure", list(FIGURE_SWEEPS))
 def test_every_figure_config_composes_into_valid_runs(figure, scale):
-    name, _, paper_jobs, quick_jobs = FIGURE_SWEEPS[figure]
-    config_name = name if scale == "paper" else f"{name}_quick"
+    _, paper_jobs, cpu_jobs = FIGURE_SWEEPS[figure]
+    config_name = FIGURES[figure].protocol[scale]
     cfg = compose_sweep(config_name)
     jobs = expand(dict(cfg.hydra.sweeper.params))
-    assert len(jobs) == (paper_jobs if scale == "paper" else quick_jobs)
+    assert len(jobs) == (paper_jobs if scale == Scale.paper else cpu_jobs)
     assert cfg.hydra.callbacks.aggregate.figure == figure
     for job in jobs:
         job_cfg = compose_sweep(config_name, *(f"{k}={v}" for k, v in job.items()), "run_dir=/tmp/unused")
@@ -56,12 +65,13 @@ def figure_sweeps(tmp_path_factory) -> dict[str, Path]:
     elsewhere (the offline writer costs seconds per run)."""
     root = tmp_path_factory.mktemp("figures")
     sweeps = {}
-    for figure, (name, narrow, _, _) in FIGURE_SWEEPS.items():
-        sweep = root / "multirun" / f"{name}_quick" / "t0"
+    for figure, (narrow, _, _) in FIGURE_SWEEPS.items():
+        name = FIGURES[figure].protocol[Scale.cpu]
+        sweep = root / "multirun" / name / "t0"
         mode = "offline" if figure == "fig3" else "disabled"
         overrides = [o for o in FAST if not o.startswith("logger=")] + [
             f"logger.mode={mode}", "data.val_size=32", *narrow, f"hydra.sweep.dir={sweep}"]
-        cmd = [sys.executable, "scripts/train.py", "-m", "--config-dir", "sweeps", "--config-name", f"{name}_quick",
+        cmd = [sys.executable, "scripts/train.py", "-m", "--config-dir", "sweeps", "--config-name", name,
                *overrides]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                               env={**__import__("os").environ, "ICAR_COMMAND": f"make {figure}"})
@@ -75,7 +85,7 @@ def figure_sweeps(tmp_path_factory) -> dict[str, Path]:
 def test_every_figure_runs_and_writes_its_figure_and_record(figure_sweeps, figure):
     sweep = figure_sweeps[figure]
     record = FigureRecord.load(sweep / "aggregate" / "figure.json")
-    assert record.figure == figure and record.scale == "cpu" and record.command == f"make {figure}"
+    assert record.figure == figure and record.scale == Scale.cpu and record.command == f"make {figure}"
     assert record.wall_s is not None and record.wall_s > 0 and "CPU cores" in record.machine
     suffixes = {Path(p).suffix for p in record.figures}
     assert suffixes == {".png", ".pdf"} and all(Path(p).stat().st_size > 0 for p in record.figures)
@@ -97,8 +107,8 @@ def test_reproduction_md_gives_every_recorded_claim_a_verdict(figure_sweeps, tmp
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert all(len(re.split(r"(?<!\\)\|", row)) == 8 for row in rows), rows  # six cells, pipes escaped
     assert len(rows) == len(CLAIMS)
-    for claim, row in zip(CLAIMS, rows):
-        if claim.figure == "fig4":  # not part of these sweeps
+    for (_, figure), row in zip(CLAIMS, rows):
+        if figure.draw is None:  # fig4: not part of these sweeps
             assert "not run yet" in row
         else:
             assert any(f"**{v}**" in row for v in (REPRODUCED, PARTLY, NOT)), row
@@ -111,18 +121,29 @@ def test_verdict_rules_follow_the_numbers():
     for L, m in zip([1, 2, 3], [0.3, 0.2, 0.1]):
         fig5 |= {f"L{L}/mse_last": m, f"L{L}/mse": m, f"L{L}/gd{L}_mse_last": m, f"L{L}/mse_last_max": m + 0.01,
                  f"L{L}/mse_last_min": m - 0.01}
-    assert judge_fig5(fig5)[1] == REPRODUCED
-    flat = judge_fig5(fig5 | {"L3/mse_last": 0.205})  # up by less than the seeds' spread
+        fig5 |= {f"L{L}/mse_max": m, f"L{L}/mse_min": m, f"L{L}/gd{L}_mse": m}
+
+    def fig5_verdict(numbers: dict) -> tuple[str, str, str]:
+        return judge_fig5(Fig5Numbers.from_json(numbers))
+
+    assert fig5_verdict(fig5)[1] == REPRODUCED
+    flat = fig5_verdict(fig5 | {"L3/mse_last": 0.205})  # up by less than the seeds' spread
     assert flat[1] == PARTLY and "flat" in flat[2]
-    rise = judge_fig5(fig5 | {"L3/mse_last": 0.25})
+    rise = fig5_verdict(fig5 | {"L3/mse_last": 0.25})
     assert rise[1] == PARTLY and "rises" in rise[2]
-    assert judge_fig5(fig5 | {"L2/mse_last": 0.35, "L3/mse_last": 0.4})[1] == NOT
-    assert judge_fig5({**fig5, "depths": [1, 2]})[1] == PARTLY  # two depths cannot show a trend
-    fig4 = {"threshold": 1e-12, "n_windows": 100, "fraction_windows_with_repeat_real": 0.0,
-            "fraction_windows_with_repeat_shuffled": 0.1, "source": "x", "embedding_dim": 8, "corpus": "c",
-            "corpus_tokens": 500}
-    assert judge_fig4(fig4 | {"fraction_exact_real": 0.99, "fraction_exact_shuffled": 0.9})[1] == REPRODUCED
-    assert judge_fig4(fig4 | {"fraction_exact_real": 0.9, "fraction_exact_shuffled": 0.95})[1] == NOT
+    assert fig5_verdict(fig5 | {"L2/mse_last": 0.35, "L3/mse_last": 0.4})[1] == NOT
+    assert fig5_verdict({**fig5, "depths": [1, 2]})[1] == PARTLY  # two depths cannot show a trend
+    fig4 = {"threshold": 1e-12, "n_windows": 100, "source": "x", "embedding_dim": 8, "vocab_size": 50, "corpus": "c",
+            "corpus_tokens": 500, "n_windows_available": 100, "T": 5, "seed": 0}
+    for name, repeat in (("real", 0.0), ("shuffled", 0.1)):
+        fig4 |= {f"n_inexact_{name}": 1, f"median_mse_inexact_{name}": 0.1, f"median_mse_{name}": 0.0,
+                 f"fraction_windows_with_repeat_{name}": repeat, f"fraction_conflicting_repeat_{name}": repeat}
+
+    def fig4_verdict(numbers: dict) -> str:
+        return judge_fig4(Fig4Numbers.from_json(numbers))[1]
+
+    assert fig4_verdict(fig4 | {"fraction_exact_real": 0.99, "fraction_exact_shuffled": 0.9}) == REPRODUCED
+    assert fig4_verdict(fig4 | {"fraction_exact_real": 0.9, "fraction_exact_shuffled": 0.95}) == NOT
     # a record missing what its rule needs is reported as such, not as a crash
     text = render({"fig5": (Path("x/figure.json"), FigureRecord(figure="fig5", numbers={"depths": [1, 2]}))}, Path("."))
     assert "incomplete record" in text

@@ -132,9 +132,11 @@ def test_run_fig4_smoke(tmp_path: Path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("fig4", overrides=[f"text={corpus}", "max_windows=40", f"run_dir={run_dir}",
                                          "logger.mode=offline"])
-    numbers = run_fig4(cfg)
+    n = run_fig4(cfg)
+    numbers = n.to_json()
     record = json.loads((run_dir / "figure.json").read_text())
-    assert record["figure"] == "fig4" and record["numbers"]["n_windows"] == numbers["n_windows"] == 40
+    assert record["figure"] == "fig4" and record["numbers"] == numbers and n.n_windows == 40
+    assert record["scale"] == "cpu"  # a subset of the windows; max_windows=0 is the paper's scale
     for path in record["figures"]:
         assert Path(path).is_file()
     assert {Path(p).suffix for p in record["figures"]} == {".png", ".pdf"}
@@ -170,9 +172,9 @@ def test_hf_source_loads_a_tiny_gpt2(tmp_path: Path, monkeypatch):
     assert ids.tolist() == [tok.token_to_id(w) for w in ("Call", "me", "Ishmael", ".", "whale")]
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT)
-    numbers, mse = fig4_numbers(to_fig4_config({"source": f"hf:{tmp_path}", "text": str(corpus), "max_windows": 0}))
-    assert numbers["embedding_dim"] == 16 and mse["float64"]["real"].shape == (numbers["n_windows"],)
-    assert not math.isnan(numbers["fraction_exact_real"]) and mse["float32"]["real"].dtype == torch.float32
-    numbers, mse = fig4_numbers(to_fig4_config({"source": f"hf:{tmp_path}", "text": str(corpus), "max_windows": 0,
-                                                "float32_check": False}))
-    assert set(mse) == {"float64"} and "fraction_exact_real_float32" not in numbers
+    n, mse = fig4_numbers(to_fig4_config({"source": f"hf:{tmp_path}", "text": str(corpus), "max_windows": 0}))
+    assert n.embedding_dim == 16 and mse["float64"]["real"].shape == (n.n_windows,)
+    assert not math.isnan(n.sets["real"].fraction_exact) and mse["float32"]["real"].dtype == torch.float32
+    n, mse = fig4_numbers(to_fig4_config({"source": f"hf:{tmp_path}", "text": str(corpus), "max_windows": 0,
+                                           "float32_check": False}))
+    assert set(mse) == {"float64"} and n.float32 is None and "fraction_exact_real_float32" not in n.to_json()

@@ -1,1 +1,2 @@
-"""Claims, above the analyses: each claim of the paper that icar checks, its figure, its numbers and its verdict."""
+"""Claims, above the analyses: one module per figure (icar/claims/<figure>.py) holds its claims, protocol, drawing,
+typed numbers and verdict rules; icar.claims.registry finds them, icar.claims.record is what a figure run leaves."""

@@ -1,5 +1,6 @@
-"""The record of one reproduced figure: `<out>/figure.json` with its numbers, figures, wall time, machine and
-command. scripts/reproduction.py reads these records (never the W&B server) to write REPRODUCTION.md."""
+"""The record of one reproduced figure: `<out>/figure.json` with its numbers (the claim module's typed numbers, as
+JSON), figures, wall time, machine, command and scale. scripts/reproduction.py reads these records (never the W&B
+server) to write REPRODUCTION.md."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from typing import Any
 
 import torch
 
+from icar.claims.base import Scale
+
 RECORD_FILE = "figure.json"
+# the scale words of older records: fig4 wrote "all windows" for max_windows=0, the Makefile's alias of cpu is quick
+OLD_SCALES = {"all windows": Scale.paper, "quick": Scale.cpu}
 
 
 def machine() -> str:
@@ -53,8 +58,11 @@ class FigureRecord:
     wall_s: float | None = None
     machine: str = ""
     command: str = ""
-    scale: str = ""
+    scale: Scale = Scale.cpu
     finished: str = ""
+
+    def __post_init__(self) -> None:
+        self.scale = OLD_SCALES.get(self.scale) or Scale(self.scale)
 
     def save(self, out_dir: Path) -> Path:
         out_dir = Path(out_dir)

@@ -108,7 +108,7 @@ def finish_sweep(sweep_dir: Path, title: str, log_to_wandb: bool = True, figure:
 
 class AggregateOnSweepEnd(Callback):
     """Hydra callback of the sweep configs (`sweeps/*.yaml`): `finish_sweep` once every job has ended, then, for a
-    figure sweep (`figure: fig3`, ...), the paper's figure and its record (icar.claims.figures). Hydra turns a
+    figure sweep (`figure: fig3`, ...), the paper's figure and its record (icar.orchestration.figures). Hydra turns a
     callback's exception into a warning, so a failure is logged with the command that redoes it and ends the process
     with exit status 1 (SystemExit passes through Hydra), so that `make fig3` fails rather than succeeding silently."""
 
