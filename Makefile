@@ -38,11 +38,14 @@ install: $(STAMP) ## Create .venv and install icar with pinned dependencies
 train: $(STAMP) ## Train the default config (override with ARGS="model=softmax data=commuting")
 	$(PY) scripts/train.py $(ARGS)
 
-test: $(STAMP) ## Run the fast tests (a few minutes on 2 cores)
-	$(PY) -m pytest -q $(ARGS)
+# pytest-xdist: one worker per core; tests of one xdist_group (the SLURM cluster) share a worker
+PYTEST = $(PY) -m pytest -q -n auto --dist loadgroup
+
+test: $(STAMP) ## Run the fast tests on every core (a few minutes on 2 cores)
+	$(PYTEST) $(ARGS)
 
 test-full: $(STAMP) ## Run every test, the slow scientific checks included
-	$(PY) -m pytest -q -m "" $(ARGS)
+	$(PYTEST) -m "" $(ARGS)
 
 bench: $(STAMP) ## Print training throughput, data-sampling share and Lightning overhead
 	$(PY) scripts/bench_train.py $(ARGS)

@@ -20,6 +20,8 @@ from optuna.trial import TrialState
 from icar.training.loggers import read_metrics
 from tests.conftest import FAST, REPO
 
+pytestmark = pytest.mark.xdist_group("slurm")  # make test -n: one SLURM cluster, in one worker
+
 # one CPU, a little memory and a short time limit per job: the test node has what this machine has
 SLURM = ["hydra/launcher=slurm", "trainer.accelerator=cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.timeout_min=15"]

@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional  # no `from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
+from icar import metrics
+
 
 # Enums, so that Hydra refuses a misspelt choice at composition, naming the key and the allowed values
 Direction = Enum("Direction", ["minimize", "maximize"])
@@ -24,7 +26,7 @@ class IcarOptunaSweeperConf:
     study_name: str = "${name}"
     storage: Optional[str] = None  # null: sqlite:///<hydra.sweep.dir>/optuna.db; postgresql://... to share a study
     direction: Direction = Direction.minimize
-    objective: str = "val/mse"  # the metric (a key of the job's returned summary) the study optimises and prunes on
+    objective: str = metrics.VAL_MSE  # the metric (a key of the job's returned summary) the study optimises and prunes on
     n_trials: int = 20  # the study's total: a re-run resumes and stops once the study holds this many trials
     n_jobs: int = 1  # trials launched together (run in parallel by a parallel launcher such as joblib)
     sampler: SamplerName = SamplerName.tpe

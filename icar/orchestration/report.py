@@ -46,7 +46,7 @@ def analysis_media_keys(runs: pd.DataFrame) -> list[str]:
     `icar.analysis.analyze` draws."""
     names = {p.stem for run_dir in runs.get("run_dir", pd.Series(dtype=str)).dropna()
              for p in (Path(str(run_dir)) / "analysis").glob("*.png")}
-    return [f"analysis/{name}" for name in sorted(names or ANALYSIS_FIGURES)]
+    return [metrics.analysis(name) for name in sorted(names or ANALYSIS_FIGURES)]
 
 
 def build_wandb_report(runs: pd.DataFrame, figure_names: list[str], swept: list[str], project: str,

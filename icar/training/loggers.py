@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from icar import metrics
 from icar.config import ConfigError, LoggerConfig, LoggerKind, WandbMode
 from icar.training.wandb_mirror import MirrorWandbLogger, mirror
 
@@ -182,7 +183,7 @@ def log_analysis(
 ) -> None:
     """Analysis numbers and figures under `analysis/`: numbers in the JSONL record; in W&B as images and, at the
     end of training, as summary values."""
-    scalars = {f"analysis/{name}": value for name, value in scalars.items()}
+    scalars = {metrics.analysis(name): value for name, value in scalars.items()}
     for logger in loggers:
         if isinstance(logger, JsonlLogger):
             logger.log_metrics(scalars, step=step)
@@ -190,7 +191,7 @@ def log_analysis(
             import wandb
 
             images = {
-                f"analysis/{name}": wandb.Image(str(path))
+                metrics.analysis(name): wandb.Image(str(path))
                 for name, paths in figures.items()
                 for path in paths
                 if path.suffix == ".png"
