@@ -42,7 +42,7 @@ def test_head_matrices_match_explicit_per_head_computation() -> None:
             p.normal_()
     x = torch.randn(2, T, D, dtype=torch.float64)
     M, OV = head_matrices(attn)  # (H, D, D) each
-    q, k, v = attn._split_heads(x)  # (2, H, T, dh) each
+    q, k, v = attn.project(x)  # (2, H, T, dh) each
     scores = q @ k.transpose(-1, -2)  # (2, H, T, T)
     assert torch.allclose(scores, torch.einsum("bti,hij,bsj->bhts", x, M, x), atol=1e-9)
     weights = attn.attention_weights(x)  # (2, H, T, T)
