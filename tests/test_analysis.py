@@ -138,6 +138,67 @@ def test_plots_write_png_and_pdf(tmp_path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _module(make_cfg, *overrides: str):
+    """A fresh ICARModule of a composed config, GD's step sizes tuned (as at the end of training)."""
+    from icar.training.config_io import to_dataclass, to_plain_dict
+    from icar.training.module import ICARModule
+    from tests.conftest import FAST
+
+    module = ICARModule(to_plain_dict(to_dataclass(make_cfg(*FAST, *overrides))))
+    module.tune_baselines()
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")  # inside seaborn's heatmap
+def test_analyze_is_compute_then_draw(make_cfg, tmp_path) -> None:
+    """compute_analysis holds every number and matrix the figures need; draw_analysis draws from that result alone;
+    analyze writes both into analysis.json with exactly its four entries, and the callback reports the same numbers."""
+    import dataclasses
+    import json
+
+    from icar import metrics
+    from icar.analysis.analyze import analyze
+    from icar.analysis.callback import AnalysisCallback
+    from icar.analysis.compute import compute_analysis
+    from icar.analysis.curves import evaluate_curves
+    from icar.analysis.draw import draw_analysis
+    from icar.data.sequences import SequenceSampler
+
+    module = _module(make_cfg, "experiment=unitary_diagonal", "data.d=4", "model.n_heads=4", "data.T=6")
+    s, W = SequenceSampler(module.cfg.data).sample(64, torch.Generator().manual_seed(0))
+    curves = evaluate_curves(module, s, W)
+    module.train()
+    analysis = compute_analysis(module, curves)
+    assert module.training  # eval mode only while analysing
+    assert set(analysis.head_cosines) == {"heads/A", "heads/B"} and set(analysis.positional) == {"P"}
+    assert analysis.c_structure is not None and analysis.c_structure.C.shape == (4, 4)
+    assert analysis.gd_step_sizes is not None and len(analysis.gd_step_sizes[metrics.gd(1)]) == 6
+    assert {metrics.C_RANK, metrics.theory("C_rel_dist"), metrics.heads_offdiag("A"), metrics.P_FIT_NEWEST,
+            metrics.gd_eta_last(8), metrics.SUMMARY_MSE_LAST_OVER_GD1} <= set(analysis.scalars)
+    assert all(math.isfinite(v) for v in analysis.scalars.values())
+
+    drawn = draw_analysis(analysis, tmp_path / "drawn")
+    assert set(drawn) == {"mse_by_position", "head_orthogonality", "positional", "c_structure"}
+    assert all(_written(paths) for paths in drawn.values())
+    bare = dataclasses.replace(analysis, mse_by_position=None, positional={}, c_structure=None)
+    assert set(draw_analysis(bare, tmp_path / "bare")) == {"head_orthogonality"}
+
+    result = analyze(module, tmp_path / "analysis", curves)
+    saved = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert set(saved) == {"scalars", "figures", "mse_by_position", "gd_step_sizes"}
+    assert saved["scalars"] == analysis.scalars == result.scalars
+    assert saved["mse_by_position"] == curves and saved["gd_step_sizes"] == analysis.gd_step_sizes
+    assert saved["figures"] == {k: [str(p) for p in v] for k, v in result.figures.items()}
+    assert set(saved["figures"]) == set(drawn)
+    callback = AnalysisCallback(tmp_path)
+    callback.result = result
+    assert callback.final_metrics() == {metrics.analysis(k): v for k, v in saved["scalars"].items()}
+
+    plain = _module(make_cfg, "data.d=2", "data.T=5", "eval.gd_steps=0")  # no GD, no curves
+    analyze(plain, tmp_path / "plain", None)
+    assert set(json.loads((tmp_path / "plain" / "analysis.json").read_text())) == {"scalars", "figures"}
+
+
 def test_diagonal_run_analysis_and_offline_recompute(tmp_path):
     """A diagonal-model run gets C, P, head and theory numbers; scripts/analyze.py recomputes the same from the
     checkpoint, without W&B, and names the problem for a folder that is not a run."""
