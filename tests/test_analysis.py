@@ -11,7 +11,7 @@ from icar.analysis.heads import cosine_matrix, head_matrices, head_orthogonality
 from icar.analysis.plots import plot_c_structure, plot_head_orthogonality, plot_mse_by_position, plot_positional
 from icar.analysis.positional import fit_positional_forms, positional_matrices
 from icar.analysis.structure import c_structure
-from icar.config import Attention, Family, ModelConfig, Positional
+from icar.config import Attention, Family, Positional, TransformerConfig
 from icar.models.diagonal import DiagonalAttention
 from icar.models.transformer import MultiHeadAttention, Transformer
 from icar.theory import optimal_C, optimal_P
@@ -36,7 +36,7 @@ def test_cosine_matrix_orthogonal_identical_and_scale_invariant() -> None:
 def test_head_matrices_match_explicit_per_head_computation() -> None:
     torch.manual_seed(0)
     H, D, dh, T = 3, 6, 4, 5
-    attn = MultiHeadAttention(ModelConfig(n_heads=H, attention=Attention.linear), D, dh, max_len=T).double()
+    attn = MultiHeadAttention(TransformerConfig(n_heads=H, attention=Attention.linear), D, dh, max_len=T).double()
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_()
@@ -63,7 +63,7 @@ def test_head_orthogonality_keys_and_values() -> None:
     assert set(out["matrices"]) == {"heads/A", "heads/B"}
     assert out["scalars"]["heads/A_offdiag"] == pytest.approx(0.0)
     assert out["scalars"]["heads/B_offdiag"] == pytest.approx(1.0)
-    cfg = ModelConfig(n_layers=2, n_heads=3, positional=Positional.multiplicative)
+    cfg = TransformerConfig(n_layers=2, n_heads=3, positional=Positional.multiplicative)
     out = head_orthogonality(Transformer(cfg, token_dim=6, out_dim=2, max_len=6, augmented=False))
     assert set(out["scalars"]) == {f"heads/layer{i}/{m}_offdiag" for i in (0, 1) for m in ("kq", "ov")}
     assert all(M.shape == (3, 3) for M in out["matrices"].values())
@@ -76,10 +76,11 @@ def test_positional_matrices_per_model() -> None:
     assert (positional_matrices(diag, T)["P"].triu(1) == 0).all()
     for positional, keys in [(Positional.multiplicative, {"layer0/P"}), (Positional.softmax_positional, {"layer0/P"}),
                              (Positional.none, set())]:
-        model = Transformer(ModelConfig(n_heads=2, positional=positional), 4, 4, max_len=8, augmented=False)
+        model = Transformer(TransformerConfig(n_heads=2, positional=positional), 4, 4, max_len=8, augmented=False)
         mats = positional_matrices(model, T)
         assert set(mats) == keys and all(P.shape == (T, T) for P in mats.values())
-    model = Transformer(ModelConfig(n_heads=2, positional=Positional.softmax_positional), 4, 4, 8, augmented=False)
+    cfg = TransformerConfig(n_heads=2, positional=Positional.softmax_positional)
+    model = Transformer(cfg, 4, 4, 8, augmented=False)
     softmax = positional_matrices(model, T)
     assert torch.allclose(softmax["layer0/P"].sum(-1), torch.ones(T, dtype=torch.float64))  # head mean of softmaxes
 

@@ -9,7 +9,7 @@ import torch
 
 from icar.analysis.in_context import aligned_cosine, compare_in_context_maps, implied_maps, real_matrix
 from icar.baselines import context_moments
-from icar.config import DataConfig, Family, ModelConfig, Readout, Start, Tokens
+from icar.config import DataConfig, Family, Readout, Start, Tokens, TransformerConfig
 from icar.data.contexts import rotation_blocks
 from icar.data.sequences import SequenceSampler
 from icar.data.tokens import encode_tokens
@@ -20,7 +20,8 @@ from tests.layer_reference import reference_block
 def _gd_layer(d: int, T: int, eta: float, gd_blocks: bool = False):
     """Proposition 1's construction: one head whose output at t is eta * sum_{t'<=t} s_{t'} (s_{t'-1} . s_t)."""
     data = DataConfig(family=Family.orthogonal, d=d, T=T, start=Start.sphere, tokens=Tokens.augmented)
-    cfg = ModelConfig(n_heads=1, layernorm=False, residual=True, readout=Readout.block, gd_blocks=gd_blocks)
+    cfg = TransformerConfig(n_heads=1, positional="none", layernorm=False, residual=True, readout=Readout.block,
+                            gd_blocks=gd_blocks)
     model = build_model(cfg, data).double()
     D = 3 * d
     zero, mid, prev = slice(0, d), slice(d, 2 * d), slice(2 * d, 3 * d)
@@ -64,7 +65,7 @@ def test_implied_map_reproduces_a_random_linear_layer() -> None:
     """Linear attention without LayerNorm is linear in the query: output at T = W_hat s_T + M s_{T-1}, any weights."""
     d, T = 3, 6
     data = DataConfig(family=Family.orthogonal, d=d, T=T, tokens=Tokens.augmented, start=Start.sphere)
-    model = build_model(ModelConfig(n_heads=2, layernorm=False, positional="multiplicative"), data).double()
+    model = build_model(TransformerConfig(n_heads=2, layernorm=False, positional="multiplicative"), data).double()
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in model.parameters():
@@ -82,7 +83,7 @@ def test_implied_map_reproduces_a_random_linear_layer() -> None:
 def test_implied_map_runs_on_a_nonlinear_layer() -> None:
     """With LayerNorm and softmax the map is a linearisation: finite, non-zero, one per sequence."""
     data = DataConfig(family=Family.orthogonal, d=3, T=6, tokens=Tokens.augmented)
-    model = build_model(ModelConfig(n_heads=2, attention="softmax", positional="multiplicative"), data).double()
+    model = build_model(TransformerConfig(n_heads=2, attention="softmax", positional="multiplicative"), data).double()
     s, _ = SequenceSampler(data).sample(2, torch.Generator().manual_seed(1))
     W_hat, M = implied_maps(model, s[:, :6].double())
     assert W_hat.shape == M.shape == (2, 3, 3) and torch.isfinite(W_hat).all() and W_hat.abs().max() > 1e-4
@@ -94,7 +95,8 @@ def test_implied_map_is_the_derivative_in_the_query_of_the_layer_from_scratch() 
     recomputed from its head weights in numpy (tests/layer_reference.py)."""
     d, T, n, eps = 3, 6, 3, 1e-6
     data = DataConfig(family=Family.orthogonal, d=d, T=T, tokens=Tokens.augmented)
-    cfg = ModelConfig(n_heads=2, attention="softmax", positional="multiplicative", bias=True, readout=Readout.linear)
+    cfg = TransformerConfig(n_heads=2, attention="softmax", positional="multiplicative", bias=True,
+                            readout=Readout.linear)
     model = build_model(cfg, data).double()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from icar.config import Attention, Kernel, ModelConfig, Positional, Readout
+from icar.config import Attention, Kernel, Positional, Readout, TransformerConfig
 from icar.models.transformer import AttentionPath, MultiHeadAttention, Transformer
 from tests.layer_reference import reference_block
 
@@ -21,8 +21,8 @@ TIGHT = dict(rtol=1e-12, atol=1e-12)
 def _model(positional: Positional, attention: Attention, bias: bool, layernorm: bool, residual: bool,
            **kw: object) -> Transformer:
     """A one-layer model on raw tokens (d_model = 2 x token width) with every parameter redrawn, float64."""
-    cfg = ModelConfig(n_heads=3, d_model=2 * WIDTH, head_dim=4, positional=positional, attention=attention, bias=bias,
-                      layernorm=layernorm, residual=residual, readout=Readout.linear, **kw)
+    cfg = TransformerConfig(n_heads=3, d_model=2 * WIDTH, head_dim=4, positional=positional, attention=attention,
+                            bias=bias, layernorm=layernorm, residual=residual, readout=Readout.linear, **kw)
     model = Transformer(cfg, WIDTH, WIDTH, T, augmented=False).double()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_head_weights_rebuild_the_layer_from_scratch(positional: Positional, att
 def test_head_weights_of_gd_blocks_are_the_masked_weights() -> None:
     """Under model.gd_blocks the per-head weights are the parametrised (masked) ones the layer uses."""
     d = 3
-    cfg = ModelConfig(n_heads=2, gd_blocks=True, layernorm=False, readout=Readout.block)
+    cfg = TransformerConfig(n_heads=2, gd_blocks=True, layernorm=False, readout=Readout.block)
     model = Transformer(cfg, 3 * d, d, T, augmented=True).double()
     attn = model.blocks[0].attn
     with torch.no_grad():

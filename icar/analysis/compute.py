@@ -67,7 +67,8 @@ def theory_family(module: ICARModule) -> Family | None:
 
 
 def _positional_scalars(fits: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The fits' numbers: bare (`P/fit_newest`) for one matrix, under their layer for several (`layer1/P/fit_newest`)."""
+    """The fits' numbers: bare (`P/fit_newest`) for one matrix, under their layer for several
+    (`layer1/P/fit_newest`)."""
     out: dict[str, float] = {}
     for name, fit in fits.items():
         prefix = "" if len(fits) == 1 else name.rsplit("/P", 1)[0] + "/"  # layer1/P -> layer1/P/fit_newest

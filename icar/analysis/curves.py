@@ -9,7 +9,8 @@ from icar.objective import squared_error
 from icar.training.module import ICARModule
 
 
-def evaluate_curves(module: ICARModule, s: torch.Tensor, W: torch.Tensor, batch_size: int = 256) -> dict[str, list[float]]:
+def evaluate_curves(module: ICARModule, s: torch.Tensor, W: torch.Tensor,
+                    batch_size: int = 256) -> dict[str, list[float]]:
     """Per-position MSE of the model and of every baseline on sequences s (n, T+1, d): what validation logs."""
     sums: dict[str, torch.Tensor] = {}
     device = next(module.parameters()).device

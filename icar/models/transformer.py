@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from icar.config import Attention, Embedding, Kernel, ModelConfig, Positional, Readout
+from icar.config import Attention, Embedding, Kernel, Positional, Readout, TransformerConfig
 from icar.models.token_space import QUERY_BLOCKS, token_space_attention
 
 CHUNK_ELEMENTS = 1 << 20  # CPU: attention weights per batch chunk (4 MB in float32)
@@ -110,7 +110,7 @@ class MultiHeadAttention(nn.Module):
     `attend` and `forward_with_context` (tests/test_layer_api.py pins them to every path of `forward`).
     """
 
-    def __init__(self, cfg: ModelConfig, d_model: int, head_dim: int, max_len: int) -> None:
+    def __init__(self, cfg: TransformerConfig, d_model: int, head_dim: int, max_len: int) -> None:
         super().__init__()
         self.kind, self.positional, self.kernel = cfg.attention, cfg.positional, cfg.kernel
         self.n_heads, self.head_dim = cfg.n_heads, head_dim
@@ -323,7 +323,7 @@ def mask_gd_blocks(attn: MultiHeadAttention, d: int) -> None:
 class Block(nn.Module):
     """x <- x + LayerNorm(Attention(x)); LayerNorm and residual optional."""
 
-    def __init__(self, cfg: ModelConfig, d_model: int, head_dim: int, max_len: int) -> None:
+    def __init__(self, cfg: TransformerConfig, d_model: int, head_dim: int, max_len: int) -> None:
         super().__init__()
         self.attn = MultiHeadAttention(cfg, d_model, head_dim, max_len)
         self.norm = nn.LayerNorm(d_model) if cfg.layernorm else nn.Identity()
@@ -349,7 +349,7 @@ class Transformer(nn.Module):
     accepts_complex = False
     first_position = 1  # every position t >= 1 is predicted
 
-    def __init__(self, cfg: ModelConfig, token_dim: int, out_dim: int, max_len: int, augmented: bool) -> None:
+    def __init__(self, cfg: TransformerConfig, token_dim: int, out_dim: int, max_len: int, augmented: bool) -> None:
         super().__init__()
         d_model = cfg.d_model or token_dim
         head_dim = cfg.head_dim or d_model
