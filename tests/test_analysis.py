@@ -11,7 +11,7 @@ from icar.analysis.heads import cosine_matrix, head_matrices, head_orthogonality
 from icar.analysis.plots import plot_c_structure, plot_head_orthogonality, plot_mse_by_position, plot_positional
 from icar.analysis.positional import fit_positional_forms, positional_matrices
 from icar.analysis.structure import c_structure
-from icar.config import Attention, Family, ModelConfig, Positional
+from icar.config import Attention, Family, Positional, TransformerConfig
 from icar.models.diagonal import DiagonalAttention
 from icar.models.transformer import MultiHeadAttention, Transformer
 from icar.theory import optimal_C, optimal_P
@@ -36,13 +36,13 @@ def test_cosine_matrix_orthogonal_identical_and_scale_invariant() -> None:
 def test_head_matrices_match_explicit_per_head_computation() -> None:
     torch.manual_seed(0)
     H, D, dh, T = 3, 6, 4, 5
-    attn = MultiHeadAttention(ModelConfig(n_heads=H, attention=Attention.linear), D, dh, max_len=T).double()
+    attn = MultiHeadAttention(TransformerConfig(n_heads=H, attention=Attention.linear), D, dh, max_len=T).double()
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_()
     x = torch.randn(2, T, D, dtype=torch.float64)
     M, OV = head_matrices(attn)  # (H, D, D) each
-    q, k, v = attn._split_heads(x)  # (2, H, T, dh) each
+    q, k, v = attn.project(x)  # (2, H, T, dh) each
     scores = q @ k.transpose(-1, -2)  # (2, H, T, T)
     assert torch.allclose(scores, torch.einsum("bti,hij,bsj->bhts", x, M, x), atol=1e-9)
     weights = attn.attention_weights(x)  # (2, H, T, T)
@@ -63,7 +63,7 @@ def test_head_orthogonality_keys_and_values() -> None:
     assert set(out["matrices"]) == {"heads/A", "heads/B"}
     assert out["scalars"]["heads/A_offdiag"] == pytest.approx(0.0)
     assert out["scalars"]["heads/B_offdiag"] == pytest.approx(1.0)
-    cfg = ModelConfig(n_layers=2, n_heads=3, positional=Positional.multiplicative)
+    cfg = TransformerConfig(n_layers=2, n_heads=3, positional=Positional.multiplicative)
     out = head_orthogonality(Transformer(cfg, token_dim=6, out_dim=2, max_len=6, augmented=False))
     assert set(out["scalars"]) == {f"heads/layer{i}/{m}_offdiag" for i in (0, 1) for m in ("kq", "ov")}
     assert all(M.shape == (3, 3) for M in out["matrices"].values())
@@ -76,10 +76,11 @@ def test_positional_matrices_per_model() -> None:
     assert (positional_matrices(diag, T)["P"].triu(1) == 0).all()
     for positional, keys in [(Positional.multiplicative, {"layer0/P"}), (Positional.softmax_positional, {"layer0/P"}),
                              (Positional.none, set())]:
-        model = Transformer(ModelConfig(n_heads=2, positional=positional), 4, 4, max_len=8, augmented=False)
+        model = Transformer(TransformerConfig(n_heads=2, positional=positional), 4, 4, max_len=8, augmented=False)
         mats = positional_matrices(model, T)
         assert set(mats) == keys and all(P.shape == (T, T) for P in mats.values())
-    model = Transformer(ModelConfig(n_heads=2, positional=Positional.softmax_positional), 4, 4, 8, augmented=False)
+    cfg = TransformerConfig(n_heads=2, positional=Positional.softmax_positional)
+    model = Transformer(cfg, 4, 4, 8, augmented=False)
     softmax = positional_matrices(model, T)
     assert torch.allclose(softmax["layer0/P"].sum(-1), torch.ones(T, dtype=torch.float64))  # head mean of softmaxes
 
@@ -136,6 +137,67 @@ def test_plots_write_png_and_pdf(tmp_path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The whole analysis of a run: at the end of training, and offline from its checkpoint (scripts/analyze.py)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _module(make_cfg, *overrides: str):
+    """A fresh ICARModule of a composed config, GD's step sizes tuned (as at the end of training)."""
+    from icar.training.config_io import to_dataclass, to_plain_dict
+    from icar.training.module import ICARModule
+    from tests.conftest import FAST
+
+    module = ICARModule(to_plain_dict(to_dataclass(make_cfg(*FAST, *overrides))))
+    module.tune_baselines()
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")  # inside seaborn's heatmap
+def test_analyze_is_compute_then_draw(make_cfg, tmp_path) -> None:
+    """compute_analysis holds every number and matrix the figures need; draw_analysis draws from that result alone;
+    analyze writes both into analysis.json with exactly its four entries, and the callback reports the same numbers."""
+    import dataclasses
+    import json
+
+    from icar import metrics
+    from icar.analysis.analyze import analyze
+    from icar.analysis.callback import AnalysisCallback
+    from icar.analysis.compute import compute_analysis
+    from icar.analysis.curves import evaluate_curves
+    from icar.analysis.draw import draw_analysis
+    from icar.data.sequences import SequenceSampler
+
+    module = _module(make_cfg, "experiment=unitary_diagonal", "data.d=4", "model.n_heads=4", "data.T=6")
+    s, W = SequenceSampler(module.cfg.data).sample(64, torch.Generator().manual_seed(0))
+    curves = evaluate_curves(module, s, W)
+    module.train()
+    analysis = compute_analysis(module, curves)
+    assert module.training  # eval mode only while analysing
+    assert set(analysis.head_cosines) == {"heads/A", "heads/B"} and set(analysis.positional) == {"P"}
+    assert analysis.c_structure is not None and analysis.c_structure.C.shape == (4, 4)
+    assert analysis.gd_step_sizes is not None and len(analysis.gd_step_sizes[metrics.gd(1)]) == 6
+    assert {metrics.C_RANK, metrics.theory("C_rel_dist"), metrics.heads_offdiag("A"), metrics.P_FIT_NEWEST,
+            metrics.gd_eta_last(8), metrics.SUMMARY_MSE_LAST_OVER_GD1} <= set(analysis.scalars)
+    assert all(math.isfinite(v) for v in analysis.scalars.values())
+
+    drawn = draw_analysis(analysis, tmp_path / "drawn")
+    assert set(drawn) == {"mse_by_position", "head_orthogonality", "positional", "c_structure"}
+    assert all(_written(paths) for paths in drawn.values())
+    bare = dataclasses.replace(analysis, mse_by_position=None, positional={}, c_structure=None)
+    assert set(draw_analysis(bare, tmp_path / "bare")) == {"head_orthogonality"}
+
+    result = analyze(module, tmp_path / "analysis", curves)
+    saved = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert set(saved) == {"scalars", "figures", "mse_by_position", "gd_step_sizes"}
+    assert saved["scalars"] == analysis.scalars == result.scalars
+    assert saved["mse_by_position"] == curves and saved["gd_step_sizes"] == analysis.gd_step_sizes
+    assert saved["figures"] == {k: [str(p) for p in v] for k, v in result.figures.items()}
+    assert set(saved["figures"]) == set(drawn)
+    callback = AnalysisCallback(tmp_path)
+    callback.result = result
+    assert callback.final_metrics() == {metrics.analysis(k): v for k, v in saved["scalars"].items()}
+
+    plain = _module(make_cfg, "data.d=2", "data.T=5", "eval.gd_steps=0")  # no GD, no curves
+    analyze(plain, tmp_path / "plain", None)
+    assert set(json.loads((tmp_path / "plain" / "analysis.json").read_text())) == {"scalars", "figures"}
 
 
 def test_diagonal_run_analysis_and_offline_recompute(tmp_path):

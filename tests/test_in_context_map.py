@@ -9,16 +9,19 @@ import torch
 
 from icar.analysis.in_context import aligned_cosine, compare_in_context_maps, implied_maps, real_matrix
 from icar.baselines import context_moments
-from icar.config import DataConfig, Family, ModelConfig, Readout, Start, Tokens
+from icar.config import DataConfig, Family, Readout, Start, Tokens, TransformerConfig
 from icar.data.contexts import rotation_blocks
 from icar.data.sequences import SequenceSampler
+from icar.data.tokens import encode_tokens
 from icar.models import build_model
+from tests.layer_reference import reference_block
 
 
 def _gd_layer(d: int, T: int, eta: float, gd_blocks: bool = False):
     """Proposition 1's construction: one head whose output at t is eta * sum_{t'<=t} s_{t'} (s_{t'-1} . s_t)."""
     data = DataConfig(family=Family.orthogonal, d=d, T=T, start=Start.sphere, tokens=Tokens.augmented)
-    cfg = ModelConfig(n_heads=1, layernorm=False, residual=True, readout=Readout.block, gd_blocks=gd_blocks)
+    cfg = TransformerConfig(n_heads=1, positional="none", layernorm=False, residual=True, readout=Readout.block,
+                            gd_blocks=gd_blocks)
     model = build_model(cfg, data).double()
     D = 3 * d
     zero, mid, prev = slice(0, d), slice(d, 2 * d), slice(2 * d, 3 * d)
@@ -48,8 +51,6 @@ def test_implied_map_of_the_gd_construction_is_one_gd_step(gd_blocks: bool) -> N
     torch.testing.assert_close(W_hat, eta * Y[:, -1], rtol=0, atol=1e-12)
     assert M.abs().max() < 1e-12
     # the map reproduces the model's own prediction of s_{T+1}
-    from icar.data.tokens import encode_tokens
-
     with torch.no_grad():
         out = model(encode_tokens(ctx, Tokens.augmented))[:, -1]
     torch.testing.assert_close(out, torch.einsum("nij,nj->ni", W_hat, ctx[:, -1]), rtol=0, atol=1e-12)
@@ -64,7 +65,7 @@ def test_implied_map_reproduces_a_random_linear_layer() -> None:
     """Linear attention without LayerNorm is linear in the query: output at T = W_hat s_T + M s_{T-1}, any weights."""
     d, T = 3, 6
     data = DataConfig(family=Family.orthogonal, d=d, T=T, tokens=Tokens.augmented, start=Start.sphere)
-    model = build_model(ModelConfig(n_heads=2, layernorm=False, positional="multiplicative"), data).double()
+    model = build_model(TransformerConfig(n_heads=2, layernorm=False, positional="multiplicative"), data).double()
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in model.parameters():
@@ -72,8 +73,6 @@ def test_implied_map_reproduces_a_random_linear_layer() -> None:
     s, _ = SequenceSampler(data).sample(4, torch.Generator().manual_seed(1))
     ctx = s[:, :T].double()
     W_hat, M = implied_maps(model, ctx)
-    from icar.data.tokens import encode_tokens
-
     with torch.no_grad():
         out = model(encode_tokens(ctx, Tokens.augmented))[:, -1]
     expected = torch.einsum("nij,nj->ni", W_hat, ctx[:, -1]) + torch.einsum("nij,nj->ni", M, ctx[:, -2])
@@ -84,10 +83,42 @@ def test_implied_map_reproduces_a_random_linear_layer() -> None:
 def test_implied_map_runs_on_a_nonlinear_layer() -> None:
     """With LayerNorm and softmax the map is a linearisation: finite, non-zero, one per sequence."""
     data = DataConfig(family=Family.orthogonal, d=3, T=6, tokens=Tokens.augmented)
-    model = build_model(ModelConfig(n_heads=2, attention="softmax", positional="multiplicative"), data).double()
+    model = build_model(TransformerConfig(n_heads=2, attention="softmax", positional="multiplicative"), data).double()
     s, _ = SequenceSampler(data).sample(2, torch.Generator().manual_seed(1))
     W_hat, M = implied_maps(model, s[:, :6].double())
     assert W_hat.shape == M.shape == (2, 3, 3) and torch.isfinite(W_hat).all() and W_hat.abs().max() > 1e-4
+
+
+def test_implied_map_is_the_derivative_in_the_query_of_the_layer_from_scratch() -> None:
+    """On a nonlinear layer (bias, LayerNorm, softmax, P) W_hat and M are the derivatives of the prediction of s_{T+1}
+    in the query's s_T and s_{T-1}, keys and values held at the context: central differences of the layer
+    recomputed from its head weights in numpy (tests/layer_reference.py)."""
+    d, T, n, eps = 3, 6, 3, 1e-6
+    data = DataConfig(family=Family.orthogonal, d=d, T=T, tokens=Tokens.augmented)
+    cfg = TransformerConfig(n_heads=2, attention="softmax", positional="multiplicative", bias=True,
+                            readout=Readout.linear)
+    model = build_model(cfg, data).double()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    ctx = SequenceSampler(data).sample(n, torch.Generator().manual_seed(2))[0][:, :T].double()  # (n, T, d)
+    W_hat, M = implied_maps(model, ctx)
+    e = encode_tokens(ctx, Tokens.augmented)  # (n, T, 3d)
+    x = model.embed_tokens(e)
+
+    def prediction(query: torch.Tensor) -> torch.Tensor:  # the query's (s_T, s_{T-1}) (n, 2d) -> (n, d)
+        e_q = e.clone()
+        e_q[:, -1, d:] = query
+        return model.read_out(reference_block(model.blocks[0], model.embed_tokens(e_q), x)[:, -1])
+
+    query = torch.cat([ctx[:, -1], ctx[:, -2]], -1)  # (n, 2d)
+    with torch.no_grad():
+        J = torch.stack([(prediction(query + eps * u) - prediction(query - eps * u)) / (2 * eps)
+                         for u in torch.eye(2 * d, dtype=torch.float64)], -1)  # (n, d, 2d)
+    torch.testing.assert_close(W_hat, J[..., :d], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(M, J[..., d:], rtol=1e-6, atol=1e-7)
+    assert W_hat.abs().max() > 1e-2 and M.abs().max() > 1e-2
 
 
 def test_real_matrix_acts_on_realified_vectors() -> None:

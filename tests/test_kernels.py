@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from icar.config import Attention, Embedding, Kernel, ModelConfig, Positional, Readout
+from icar.config import Attention, Embedding, Kernel, Positional, Readout, TransformerConfig
 from icar.models.token_space import token_space_attention
 from icar.models.transformer import AttentionPath, MultiHeadAttention, Transformer
 
@@ -18,7 +18,7 @@ VARIANTS = list(itertools.product(Positional, Attention, [False, True], [False, 
 
 def _run(kernel: Kernel, e: torch.Tensor, augmented: bool, **kw: object) -> tuple[torch.Tensor, list[torch.Tensor], Transformer]:
     torch.manual_seed(1)
-    model = Transformer(ModelConfig(kernel=kernel, **kw), e.shape[-1], 5, e.shape[1], augmented).double()
+    model = Transformer(TransformerConfig(kernel=kernel, **kw), e.shape[-1], 5, e.shape[1], augmented).double()
     with torch.no_grad():
         for block in model.blocks:
             if hasattr(block.attn, "P"):
@@ -71,7 +71,7 @@ def test_fast_kernels_equal_explicit(monkeypatch: pytest.MonkeyPatch, positional
                 assert _rel(a, b) < 1e-10, (kernel, forced, embedding)
         # which path runs: a token-coordinate one on the first layer unless positions are added to the tokens or
         # softmax scores have no positional weights (torch's fused kernel); dense on later layers
-        fast = Transformer(ModelConfig(kernel=Kernel.fast, **kw), width, 5, e.shape[1], tokens == "augmented")
+        fast = Transformer(TransformerConfig(kernel=Kernel.fast, **kw), width, 5, e.shape[1], tokens == "augmented")
         coords = fast.token_coords(e.float())
         expected = AttentionPath.dense if positional == Positional.additive else \
             AttentionPath.token_space if attention == Attention.linear else AttentionPath.coordinates
@@ -84,7 +84,7 @@ def test_fast_kernels_equal_explicit(monkeypatch: pytest.MonkeyPatch, positional
 
 
 def test_augmented_tokens_with_a_nonzero_first_block_keep_every_coordinate() -> None:
-    model = Transformer(ModelConfig(n_heads=1, readout=Readout.linear), 15, 5, 8, True)
+    model = Transformer(TransformerConfig(n_heads=1, readout=Readout.linear), 15, 5, 8, True)
     e = torch.randn(2, 8, 15)
     assert model.token_coords(e).s.shape[-1] == 15
     e[..., :5] = 0
@@ -92,11 +92,11 @@ def test_augmented_tokens_with_a_nonzero_first_block_keep_every_coordinate() -> 
 
 
 def test_auto_picks_token_space_for_figure7_and_coordinates_for_figure5() -> None:
-    fig7 = ModelConfig(n_heads=64, d_model=10, head_dim=10, positional=Positional.softmax_positional, bias=True,
+    fig7 = TransformerConfig(n_heads=64, d_model=10, head_dim=10, positional=Positional.softmax_positional, bias=True,
                        residual=False, readout=Readout.linear)
     m7 = Transformer(fig7, 5, 5, 50, False)
     assert m7.blocks[0].attn.path(m7.token_coords(torch.zeros(1, 50, 5)), 50) == AttentionPath.token_space
-    fig5 = ModelConfig(n_heads=1, n_layers=2, readout=Readout.linear)
+    fig5 = TransformerConfig(n_heads=1, n_layers=2, readout=Readout.linear)
     m5 = Transformer(fig5, 15, 5, 50, True)
     e = torch.cat([torch.zeros(1, 50, 5), torch.randn(1, 50, 10)], -1)
     assert m5.blocks[0].attn.path(m5.token_coords(e), 50) == AttentionPath.coordinates  # r = 10 < head_dim = 15

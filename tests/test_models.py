@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from icar.config import (
-    Arch,
     Attention,
     Basis,
     DataConfig,
+    DiagonalConfig,
     Embedding,
     Family,
-    ModelConfig,
     Positional,
     Readout,
     Start,
     Tokens,
+    TransformerConfig,
 )
 from icar.data.contexts import random_angles, rotation_blocks
 from icar.data.sequences import SequenceSampler, roll_out
@@ -51,7 +51,7 @@ def _randomize(model: torch.nn.Module, seed: int, std: float = 0.5) -> torch.nn.
 
 
 def _transformer(token_dim: int, out_dim: int, T: int, augmented: bool = False, **kw) -> Transformer:
-    return Transformer(ModelConfig(**kw), token_dim, out_dim, T, augmented)
+    return Transformer(TransformerConfig(**kw), token_dim, out_dim, T, augmented)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,8 +122,8 @@ def test_diagonal_matches_explicit_sum() -> None:
 
 def test_linear_attention_hand_checked() -> None:
     """Hand-set 1-layer linear attention gives e_t + sum_{t'<=t} (q_t.k_t' / sqrt(dh)) W_O v_t', worked out by hand."""
-    model = _transformer(2, 2, 3, n_heads=1, head_dim=4, layernorm=False, residual=True, bias=False,
-                         readout=Readout.block).double()
+    model = _transformer(2, 2, 3, n_heads=1, head_dim=4, positional=Positional.none, layernorm=False, residual=True,
+                         bias=False, readout=Readout.block).double()
     Wq = [[1, 0], [0, 1], [0, 0], [0, 0]]  # q = (e0, e1, 0, 0)
     Wk = [[1, 1], [0, 1], [0, 0], [0, 0]]  # k = (e0 + e1, e1, 0, 0): not symmetric, so q/k swaps show
     Wv = [[1, 0], [0, 0], [0, 0], [0, 1]]  # v = (e0, 0, 0, e1)
@@ -173,7 +173,7 @@ def _reference_mha(mha: MultiHeadAttention, x: torch.Tensor) -> tuple[torch.Tens
 def test_attention_matches_explicit_loop(attention: Attention, positional: Positional) -> None:
     """Batched MultiHeadAttention (forward and attention_weights) equals the loop over heads and positions."""
     T, D = 6, 5
-    cfg = ModelConfig(n_heads=3, attention=attention, positional=positional, bias=True)
+    cfg = TransformerConfig(n_heads=3, attention=attention, positional=positional, bias=True)
     mha = _randomize(MultiHeadAttention(cfg, D, 4, T + 2), seed=10)  # inputs shorter than max_len
     x = torch.randn(2, T, D, generator=_gen(11), dtype=torch.float64)
     expected_out, expected_w = _reference_mha(mha, x)
@@ -235,7 +235,8 @@ def test_linear_attention_is_one_gd_step() -> None:
     """Block-sparse attention on e_t = (0, s_t, s_{t-1}) outputs W_hat s_t, W_hat = eta sum_{j<t} s_{j+1} s_j^T."""
     d, T, eta = 3, 6, 0.3
     data = DataConfig(family=Family.orthogonal, d=d, T=T, start=Start.sphere, tokens=Tokens.augmented)
-    cfg = ModelConfig(n_heads=1, layernorm=False, residual=True, bias=False, readout=Readout.block)
+    cfg = TransformerConfig(n_heads=1, positional=Positional.none, layernorm=False, residual=True, bias=False,
+                            readout=Readout.block)
     model = build_model(cfg, data).double()
     D = 3 * d  # d_model = head_dim = token width
     zero, mid, prev = slice(0, d), slice(d, 2 * d), slice(2 * d, 3 * d)
@@ -401,7 +402,7 @@ def test_build_model_widths(tokens: Tokens, family: Family) -> None:
     """Token width 3d (augmented) or d (raw), doubled for complex data; block readout exactly for augmented tokens."""
     d, T = 3, 6
     data = DataConfig(family=family, d=d, T=T, tokens=tokens, start=Start.sphere)
-    model = build_model(ModelConfig(n_heads=2), data)
+    model = build_model(TransformerConfig(n_heads=2), data)
     real_d = 2 * d if family == Family.unitary else d
     width = 3 * real_d if tokens == Tokens.augmented else real_d
     assert (model.token_dim, model.d_model, model.out_dim) == (width, width, real_d)
@@ -415,7 +416,7 @@ def test_build_model_widths(tokens: Tokens, family: Family) -> None:
 def test_build_model_diagonal() -> None:
     """arch=diagonal builds the (A, B, P) model on the complex width d, with H rows and a T x T matrix P."""
     data = DataConfig(family=Family.unitary, d=5, T=7, tokens=Tokens.raw, start=Start.ones)
-    model = build_model(ModelConfig(arch=Arch.diagonal, n_heads=3), data)
+    model = build_model(DiagonalConfig(n_heads=3), data)
     assert isinstance(model, DiagonalAttention)
     assert model.A.shape == model.B.shape == (3, 5) and model.P.shape == (7, 7)
     s, _ = SequenceSampler(data).sample(2, _gen(51))
@@ -425,7 +426,7 @@ def test_build_model_diagonal() -> None:
 def test_build_model_repeat_embedding_tiles_tokens() -> None:
     """embedding=repeat with d_model a multiple of the token width tiles e_t (checked on the first block's input)."""
     data = DataConfig(d=2, T=4, tokens=Tokens.raw)
-    model = build_model(ModelConfig(d_model=6, embedding=Embedding.repeat), data)
+    model = build_model(TransformerConfig(d_model=6, embedding=Embedding.repeat), data)
     seen = {}
     model.blocks[0].register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0]))
     e = torch.randn(1, 4, 2, generator=_gen(52))
@@ -445,7 +446,7 @@ def test_build_model_rejects_bad_widths(overrides: dict, match: str) -> None:
     """Block readout off the token width, or repeat embedding to a non-multiple width: ValueError naming the fix."""
     data = DataConfig(d=3, T=5, tokens=Tokens.augmented)
     with pytest.raises(ValueError, match=match):
-        build_model(ModelConfig(**overrides), data)
+        build_model(TransformerConfig(**overrides), data)
 
 
 @pytest.mark.parametrize("positional", ["none", "multiplicative", "softmax_positional"])
@@ -453,11 +454,11 @@ def test_build_model_rejects_bad_widths(overrides: dict, match: str) -> None:
 def test_cpu_batch_chunks_give_the_same_outputs_and_gradients(monkeypatch, attention, positional):
     """The CPU path that runs attention in batch chunks equals the one-shot layer, outputs and gradients."""
     import icar.models.transformer as tr
-    from icar.config import Attention, Kernel, ModelConfig, Positional
+    from icar.config import Attention, Kernel, Positional, TransformerConfig
 
     for kernel, method in ((Kernel.explicit, "_attend"), (Kernel.auto, "_attend_dense")):
-        cfg = ModelConfig(attention=Attention(attention), positional=Positional(positional), n_heads=3, head_dim=4,
-                          kernel=kernel)
+        cfg = TransformerConfig(attention=Attention(attention), positional=Positional(positional), n_heads=3,
+                                head_dim=4, kernel=kernel)
         _check_chunks(monkeypatch, tr, cfg, method, attention, positional)
 
 

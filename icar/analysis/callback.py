@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from icar import metrics
 from icar.analysis.analyze import AnalysisResult, analyze
 from icar.training.loggers import log_analysis
+from icar.training.module import ICARModule
 
 ANALYSIS_DIR = "analysis"
 
@@ -29,6 +30,8 @@ class AnalysisCallback(Callback):
     def _analyse(self, trainer: pl.Trainer, module: pl.LightningModule, out_dir: Path, final: bool) -> None:
         if not trainer.is_global_zero:
             return
+        if not isinstance(module, ICARModule):
+            raise TypeError(f"AnalysisCallback analyses an ICARModule, got {type(module).__name__}")
         # validation hooks run under inference mode; the in-context map and the alignment need autograd
         with torch.inference_mode(False), torch.enable_grad():
             self.result = analyze(module, out_dir, module.val_curves or None)

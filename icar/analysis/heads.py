@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from icar import metrics
 from icar.models.diagonal import DiagonalAttention
 from icar.models.transformer import MultiHeadAttention, Transformer
 
@@ -37,24 +38,23 @@ def head_matrices(attn: MultiHeadAttention) -> tuple[torch.Tensor, torch.Tensor]
     x_t M_h x_t'^T / sqrt(head_dim) and its output is O_h V_h applied to the weighted sum of the tokens. With
     model.bias=true the scores and values also have affine terms; these matrices (and the orthogonality measure)
     leave the biases out."""
-    H, dh = attn.n_heads, attn.head_dim
-    W = attn.qkv.weight.detach()  # (3 H dh, D)
-    Wq, Wk, Wv = W.view(3, H, dh, -1).unbind(0)  # each (H, dh, D)
-    Wo = attn.out.weight.detach().view(-1, H, dh).transpose(0, 1)  # (H, D, dh): the head's columns of out
-    return Wq.transpose(1, 2) @ Wk, Wo @ Wv  # (H, D, D) each
+    with torch.no_grad():
+        w = attn.head_weights()
+        return w.Q.transpose(1, 2) @ w.K, w.O @ w.V  # (H, D, D) each
 
 
 def head_orthogonality(model: nn.Module) -> dict[str, dict]:
-    """{"scalars": {"heads/<name>_offdiag": float}, "matrices": {"heads/<name>": (H, H)}} with names A, B for the
-    diagonal model and layer{i}/kq, layer{i}/ov for a Transformer; both empty for other models."""
+    """{"scalars": {heads_offdiag(name): float}, "matrices": {"heads/<name>": (H, H)}} with names A, B for the
+    diagonal model and layer{i}/kq, layer{i}/ov for a Transformer; both empty for other models. A matrix's key with
+    `_offdiag` appended is its scalar's name (the figures title their panels with the keys)."""
     mats: dict[str, torch.Tensor] = {}
     if isinstance(model, DiagonalAttention):
-        mats["heads/A"] = cosine_matrix(model.A)  # (H, H)
-        mats["heads/B"] = cosine_matrix(model.B)  # (H, H)
+        mats["A"] = cosine_matrix(model.A)  # (H, H)
+        mats["B"] = cosine_matrix(model.B)  # (H, H)
     elif isinstance(model, Transformer):
         for i, block in enumerate(model.blocks):
             kq, ov = head_matrices(block.attn)  # (H, D, D) each
-            mats[f"heads/layer{i}/kq"] = cosine_matrix(kq)
-            mats[f"heads/layer{i}/ov"] = cosine_matrix(ov)
-    mats = {k: v.cpu() for k, v in mats.items()}
-    return {"scalars": {f"{k}_offdiag": mean_abs_offdiag(v) for k, v in mats.items()}, "matrices": mats}
+            mats[metrics.heads_layer(i, "kq")] = cosine_matrix(kq)
+            mats[metrics.heads_layer(i, "ov")] = cosine_matrix(ov)
+    return {"scalars": {metrics.heads_offdiag(k): mean_abs_offdiag(v) for k, v in mats.items()},
+            "matrices": {f"heads/{k}": v.cpu() for k, v in mats.items()}}

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from icar import metrics
 from icar.baselines import context_moments
 from icar.config import Tokens
 from icar.data.contexts import rotation_blocks
@@ -28,19 +29,15 @@ def implied_maps(model: Transformer, s: torch.Tensor) -> tuple[torch.Tensor, tor
     """(W_hat, M), each (n, d, d), of a one-layer model at the last position of real contexts s_1..s_T (n, T, d)."""
     if len(model.blocks) != 1:
         raise ValueError(f"the in-context map is read off one-layer models; this one has {len(model.blocks)} layers")
-    n, T, d = s.shape
-    block, attn = model.blocks[0], model.blocks[0].attn
+    d = s.shape[-1]
+    block = model.blocks[0]
     e = encode_tokens(s, Tokens.augmented)  # (n, T, 3d)
-    x = model.embed_tokens(e)  # (n, T, D)
-    _, k, v = attn._split_heads(x)  # keys and values of the context, (n, H, T, dh) each
-    pos = attn.positional_weights(T)
+    x = model.embed_tokens(e)  # (n, T, D): the context, keys and values
 
     def predict(query_pair: torch.Tensor) -> torch.Tensor:  # (n, 2d): the query's (s_T, s_{T-1}) -> (n, d_out)
         e_last = torch.cat([torch.zeros_like(query_pair[:, :d]), query_pair], -1)  # (n, 3d)
         x_q = model.embed_tokens(torch.cat([e[:, :-1], e_last[:, None]], 1))  # (n, T, D): last token replaced
-        q, _, _ = attn._split_heads(x_q)
-        h = block.norm(attn._merge_heads(attn._weights(q, k, pos) @ v))  # (n, T, D)
-        out = x_q + h if block.residual else h
+        out = block.forward_with_context(x_q, x)  # (n, T, D)
         return model.read_out(out[:, -1]).sum(0)  # summed over n: each sample's output depends on its own query
 
     query = torch.cat([s[:, -1], s[:, -2]], -1).detach()  # (n, 2d)
@@ -90,15 +87,18 @@ def compare_in_context_maps(
     aligned = {}
     if commuting:
         cos, phi = aligned_cosine(W_hat, W_gd, basis)
-        aligned = {"icmap/gd1_cosine_aligned": cos, **{f"icmap/align_phi{j}": p for j, p in enumerate(phi)}}
+        aligned = {metrics.icmap("gd1_cosine_aligned"): cos,
+                   **{metrics.icmap(f"align_phi{j}"): p for j, p in enumerate(phi)}}
     return {
         **aligned,
-        "icmap/gd1_cosine": _cosine(W_hat, W_gd).mean().item(),
-        "icmap/gd1_rel_err": ((W_hat - W_gd).flatten(1).norm(dim=1) / gd_flat.norm(dim=1)).mean().item(),
-        "icmap/gd1_scale": ((hat_flat * gd_flat).sum(1) / gd_flat.square().sum(1)).mean().item(),
-        "icmap/true_cosine": _cosine(W_hat, W_true).mean().item(),
-        "icmap/true_rel_err": ((W_hat - W_true).flatten(1).norm(dim=1) / W_true.flatten(1).norm(dim=1)).mean().item(),
-        "icmap/prev_token_share": (M.flatten(1).norm(dim=1) / hat_flat.norm(dim=1).clamp_min(1e-30)).mean().item(),
+        metrics.icmap("gd1_cosine"): _cosine(W_hat, W_gd).mean().item(),
+        metrics.icmap("gd1_rel_err"): ((W_hat - W_gd).flatten(1).norm(dim=1) / gd_flat.norm(dim=1)).mean().item(),
+        metrics.icmap("gd1_scale"): ((hat_flat * gd_flat).sum(1) / gd_flat.square().sum(1)).mean().item(),
+        metrics.icmap("true_cosine"): _cosine(W_hat, W_true).mean().item(),
+        metrics.icmap("true_rel_err"): ((W_hat - W_true).flatten(1).norm(dim=1)
+                                        / W_true.flatten(1).norm(dim=1)).mean().item(),
+        metrics.icmap("prev_token_share"): (M.flatten(1).norm(dim=1)
+                                            / hat_flat.norm(dim=1).clamp_min(1e-30)).mean().item(),
     }
 
 

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from icar import metrics  # noqa: E402
-from icar.analysis.structure import normalised_singular_values  # noqa: E402
+from icar.analysis.structure import C_SINGULAR_VALUES, normalised_singular_values  # noqa: E402
 
 DPI = 150
 LOG_FLOOR = 1e-12  # non-positive MSEs (e.g. the true-W baseline) are drawn at this value on the log axis
@@ -71,7 +71,7 @@ def plot_positional(P_mats: dict[str, torch.Tensor], fits: dict[str, dict[str, f
         P = P.detach().double().cpu()
         T = P.shape[0]
         fit = fits.get(name, {})
-        summary = ", ".join(f"{k.split('/')[-1]}={v:.2f}" for k, v in fit.items() if k != "P/two_tap_energy")
+        summary = ", ".join(f"{k.split('/')[-1]}={v:.2f}" for k, v in fit.items() if k != metrics.P_TWO_TAP_ENERGY)
         heatmap(ax_map, P, f"{name}\n{summary}", mask=np.triu(np.ones((T, T), dtype=bool), k=1), first_label=1)
         ax_map.set_xlabel("token t")
         ax_map.set_ylabel("prefix length tau")
@@ -97,7 +97,7 @@ def plot_c_structure(C: torch.Tensor, info: dict, path_stem: Path, A: torch.Tens
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(PANEL * (len(panels) + 1), PANEL), squeeze=False)
     for ax, (name, M) in zip(axes[0], panels):
         heatmap(ax, M, name)
-    s = info.get("C/singular_values")
+    s = info.get(C_SINGULAR_VALUES)
     s = np.asarray(s if s is not None else normalised_singular_values(C).numpy())
     ax = axes[0, -1]
     ax.bar(np.arange(1, len(s) + 1), s, color="tab:blue")
@@ -116,19 +116,19 @@ def plot_mse_by_position(curves: dict[str, Sequence[float]], path_stem: Path, ti
     """MSE against the position t (context length) from first_position on, log scale: the model bold, the
     baselines thin; curves[name][t - 1] is the error at position t."""
     fig, ax = plt.subplots(figsize=(7.2, 4.4))
-    gd = sorted((n for n in curves if n.startswith("gd") and n[2:].isdigit()), key=lambda n: int(n[2:]))
+    gd = sorted((n for n in curves if metrics.gd_steps(n) is not None), key=lambda n: metrics.gd_steps(n) or 0)
     gd_colours = dict(zip(gd, sns.color_palette("viridis_r", len(gd)))) if gd else {}  # one hue per step count
-    others = {"zero": ("tab:gray", ":"), "last_token": ("tab:brown", ":"), "ols": ("tab:red", "--"),
-              "true_w": ("tab:pink", "--")}
-    for name in ["model", *gd, *(n for n in curves if n != "model" and n not in gd)]:
+    others = {metrics.ZERO: ("tab:gray", ":"), metrics.LAST_TOKEN: ("tab:brown", ":"), metrics.OLS: ("tab:red", "--"),
+              metrics.TRUE_W: ("tab:pink", "--")}
+    for name in [metrics.MODEL, *gd, *(n for n in curves if n != metrics.MODEL and n not in gd)]:
         if name not in curves:
             continue
         y = np.clip(np.asarray(curves[name], dtype=float)[first_position - 1 :], LOG_FLOOR, None)
         x = np.arange(first_position, first_position + len(y))
-        if name == "model":
+        if name == metrics.MODEL:
             ax.plot(x, y, color="black", linewidth=2.5, label="model", zorder=3)
         elif name in gd_colours:
-            ax.plot(x, y, color=gd_colours[name], linewidth=1, label=f"GD, {name[2:]} step(s)")
+            ax.plot(x, y, color=gd_colours[name], linewidth=1, label=f"GD, {metrics.gd_steps(name)} step(s)")
         else:
             colour, style = others.get(name, (None, "-."))
             ax.plot(x, y, color=colour, linestyle=style, linewidth=1.2, label=name)

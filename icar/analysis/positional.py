@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from icar import metrics
 from icar.config import Positional
 from icar.models.diagonal import DiagonalAttention
 from icar.models.transformer import Transformer
@@ -63,8 +64,8 @@ def fit_positional_forms(P: torch.Tensor, first_row: int = 1) -> dict[str, float
     two_tap = sum(float(row[-2:] @ row[-2:]) for row in rows)
     ratios = torch.tensor([float(row[-2] / row[-1]) for row in rows if len(row) >= 2 and row[-1] != 0])
     return {
-        "P/fit_newest": _row_fit(rows, newest),
-        "P/fit_rotation": _row_fit(rows, rotation),
-        "P/lag1_ratio": ratios.median().item() if len(ratios) else math.nan,
-        "P/two_tap_energy": two_tap / energy if energy > 0 else math.nan,
+        metrics.P_FIT_NEWEST: _row_fit(rows, newest),
+        metrics.P_FIT_ROTATION: _row_fit(rows, rotation),
+        metrics.P_LAG1_RATIO: ratios.median().item() if len(ratios) else math.nan,
+        metrics.P_TWO_TAP_ENERGY: two_tap / energy if energy > 0 else math.nan,
     }

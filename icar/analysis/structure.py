@@ -7,8 +7,11 @@ import math
 
 import torch
 
+from icar import metrics
 from icar.config import Family
 from icar.theory import optimal_C
+
+C_SINGULAR_VALUES = "C/singular_values"  # the normalised spectrum: a list, drawn but never a scalar metric
 
 
 def normalised_singular_values(C: torch.Tensor) -> torch.Tensor:
@@ -34,8 +37,8 @@ def c_structure(C: torch.Tensor, rank_tol: float = 0.05) -> dict[str, float | li
     s = normalised_singular_values(C)  # (d,)
     blocks = optimal_C(Family.commuting, d) if d % 2 == 0 else None  # (d, d)
     return {
-        "C/rank": float((s >= rank_tol).sum()) if s[0] > 0 else 0.0,
-        "C/dist_identity": relative_distance(C, torch.eye(d)),
-        "C/dist_blocks": relative_distance(C, blocks) if blocks is not None else math.nan,
-        "C/singular_values": s.tolist(),
+        metrics.C_RANK: float((s >= rank_tol).sum()) if s[0] > 0 else 0.0,
+        metrics.C_DIST_IDENTITY: relative_distance(C, torch.eye(d)),
+        metrics.C_DIST_BLOCKS: relative_distance(C, blocks) if blocks is not None else math.nan,
+        C_SINGULAR_VALUES: s.tolist(),
     }

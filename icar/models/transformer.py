@@ -22,10 +22,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from icar.config import Attention, Embedding, Kernel, ModelConfig, Positional, Readout
+from icar.config import Attention, Embedding, Kernel, Positional, Readout, TransformerConfig
 from icar.models.token_space import QUERY_BLOCKS, token_space_attention
 
 CHUNK_ELEMENTS = 1 << 20  # CPU: attention weights per batch chunk (4 MB in float32)
+
+
+class HeadWeights(NamedTuple):
+    """A layer's parameters per head h: q_h = Q_h x + bq_h, k_h, v_h alike, and the output sum_h O_h y_h + bo."""
+
+    Q: torch.Tensor  # (H, dh, D)
+    K: torch.Tensor  # (H, dh, D)
+    V: torch.Tensor  # (H, dh, D)
+    O: torch.Tensor  # (H, D, dh)
+    bq: torch.Tensor | None  # (H, dh)
+    bk: torch.Tensor | None  # (H, dh)
+    bv: torch.Tensor | None  # (H, dh)
+    bo: torch.Tensor | None  # (D,)
 
 
 class TokenCoords(NamedTuple):
@@ -92,9 +105,12 @@ class MultiHeadAttention(nn.Module):
     no gradient for keys and values); with linear scores the token-space kernel never builds per-sequence weights.
     model.kernel=auto takes the path with the fewest forward FLOPs, `fast` the most specialised one that applies
     (for tests), `explicit` the reference.
+
+    Analyses read the layer only through `head_weights`, `project`, `positional_weights`, `attention_weights`,
+    `attend` and `forward_with_context` (tests/test_layer_api.py pins them to every path of `forward`).
     """
 
-    def __init__(self, cfg: ModelConfig, d_model: int, head_dim: int, max_len: int) -> None:
+    def __init__(self, cfg: TransformerConfig, d_model: int, head_dim: int, max_len: int) -> None:
         super().__init__()
         self.kind, self.positional, self.kernel = cfg.attention, cfg.positional, cfg.kernel
         self.n_heads, self.head_dim = cfg.n_heads, head_dim
@@ -106,8 +122,19 @@ class MultiHeadAttention(nn.Module):
         elif self.positional == Positional.softmax_positional:
             self.pos_emb = nn.Parameter(torch.randn(max_len, d_model))
 
-    def _split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., T, d_model) -> q, k, v of shape (..., H, T, head_dim)."""
+    def head_weights(self) -> HeadWeights:
+        """The layer's parameters per head (views of the fused projections): the one place that reads their layout
+        besides `project`, which applies them in one product."""
+        H, dh = self.n_heads, self.head_dim
+        Q, K, V = self.qkv.weight.view(3, H, dh, -1).unbind(0)  # each (H, dh, D)
+        O = self.out.weight.view(-1, H, dh).transpose(0, 1)  # (H, D, dh): the head's columns of out
+        bq = bk = bv = None
+        if self.qkv.bias is not None:
+            bq, bk, bv = self.qkv.bias.view(3, H, dh).unbind(0)  # each (H, dh)
+        return HeadWeights(Q, K, V, O, bq, bk, bv, self.out.bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., T, d_model) -> q, k, v of shape (..., H, T, head_dim): q_h = Q_h x + bq_h, and so on."""
         *lead, T, _ = x.shape
         qkv = self.qkv(x).view(*lead, T, 3, self.n_heads, self.head_dim)  # (..., T, 3, H, dh)
         q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # each (..., H, T, dh)
@@ -118,14 +145,14 @@ class MultiHeadAttention(nn.Module):
         if self.positional == Positional.multiplicative:
             return self.P[:T, :T] * self.causal[:T, :T]  # (T, T)
         if self.positional == Positional.softmax_positional:
-            qp, kp, _ = self._split_heads(self.pos_emb[:T])  # each (H, T, dh)
+            qp, kp, _ = self.project(self.pos_emb[:T])  # each (H, T, dh)
             scores = qp @ kp.transpose(-1, -2) / math.sqrt(self.head_dim)  # (H, T, T)
             return torch.softmax(scores.masked_fill(~self.causal[:T, :T], float("-inf")), dim=-1)
         return None
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The full weights (B, H, T, T): for inspection and tests; `forward` avoids building them when it can."""
-        q, k, _ = self._split_heads(x)
+        q, k, _ = self.project(x)  # each (B, H, T, dh)
         return self._weights(q, k, self.positional_weights(x.shape[-2]))
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
@@ -140,19 +167,28 @@ class MultiHeadAttention(nn.Module):
             return weights * pos
         return weights if self.kind == Attention.softmax else weights * mask
 
-    def _attend(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        """The layer on explicit weights: (B, T, d_model) -> (B, T, d_model)."""
-        q, k, v = self._split_heads(x)  # each (B, H, T, dh)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """The layer on explicit weights from its projections q, k, v (B, H, T, dh) and the positional factor
+        `positional_weights(T)`: (B, T, d_model). The explicit path of `forward` and `forward_with_context`."""
         return self._merge_heads(self._weights(q, k, pos) @ v)  # weights @ v: (B, H, T, dh)
+
+    def _attend(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """The explicit path on one batch chunk: (B, T, d_model) -> (B, T, d_model)."""
+        return self.attend(*self.project(x), pos)
+
+    def forward_with_context(self, x_query: torch.Tensor, x_context: torch.Tensor) -> torch.Tensor:
+        """The layer with queries from x_query and keys and values from x_context, both (B, T, d_model), on explicit
+        weights: `forward(x)` when both are x. Reads how the output depends on the query alone (the in-context map)."""
+        q, _, _ = self.project(x_query)  # (B, H, T, dh)
+        _, k, v = self.project(x_context)  # each (B, H, T, dh)
+        return self.attend(q, k, v, self.positional_weights(x_query.shape[-2]))
 
     def _attend_dense(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """The dense kernel: `_attend` with one float factor (positional x causal / sqrt(dh) for linear scores,
         positional for softmax) and the keys laid out (B, H, dh, T) contiguously for the batched products."""
-        B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, dh)
-        q = qkv[:, :, 0].transpose(1, 2)  # (B, H, T, dh)
-        kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous()  # (B, H, dh, T)
-        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, dh)
+        T = x.shape[-2]
+        q, k, v = self.project(x)  # each (B, H, T, dh)
+        kt = k.transpose(-1, -2).contiguous()  # (B, H, dh, T)
         if self.kind == Attention.softmax:
             scores = (q @ kt).masked_fill(~self.causal[:T, :T], float("-inf"))  # (B, H, T, T)
             weights = torch.softmax(scores / math.sqrt(self.head_dim), dim=-1) * factor
@@ -184,14 +220,14 @@ class MultiHeadAttention(nn.Module):
     def _coordinate_maps(self, coords: TokenCoords) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's projections composed with the tokens' basis: s (B, T, r) with a constant-1 coordinate where
         biases or an offset need it, and A (3, H, dh, r), the query, key and value maps of those coordinates."""
-        H, dh = self.n_heads, self.head_dim
         s, basis, offset = coords
         B, T, _ = s.shape
-        W = self.qkv.weight.view(3, H, dh, -1)  # (3, H, dh, D)
+        w = self.head_weights()
+        W = torch.stack([w.Q, w.K, w.V])  # (3, H, dh, D)
         A = W @ basis  # (3, H, dh, r): the projections of the token coordinates
         const = None if offset is None else W @ offset  # (3, H, dh)
-        if self.qkv.bias is not None:
-            bias = self.qkv.bias.view(3, H, dh)
+        if w.bq is not None:
+            bias = torch.stack([w.bq, w.bk, w.bv])  # (3, H, dh)
             const = bias if const is None else const + bias
         if const is not None:  # a constant coordinate carries the biases
             A = torch.cat([A, const.unsqueeze(-1)], dim=-1)
@@ -205,7 +241,7 @@ class MultiHeadAttention(nn.Module):
         s, A = self._coordinate_maps(coords)
         B, T, r = s.shape
         M = A[0].transpose(1, 2) @ A[1] / math.sqrt(dh)  # (H, r, r)
-        U = self.out.weight.view(-1, H, dh).transpose(0, 1) @ A[2]  # (H, D, r)
+        U = self.head_weights().O @ A[2]  # (H, D, r)
         causal = self.causal[:T, :T]
         factor = causal.to(s.dtype) if pos is None else pos  # (T, T) or (H, T, T), causal
         m = torch.einsum("btr,hrc->bhtc", s, M).reshape(B, H * T, r)  # rows m_t,h^T, heads stacked over t
@@ -224,21 +260,20 @@ class MultiHeadAttention(nn.Module):
 
     def _token_space(self, coords: TokenCoords, pos: torch.Tensor | None) -> torch.Tensor:
         """The layer through `token_space_attention`: the projections composed with the tokens' basis."""
-        H, dh = self.n_heads, self.head_dim
         s, A = self._coordinate_maps(coords)
         T = s.shape[1]
-        Wo = self.out.weight.view(-1, H, dh).transpose(0, 1)  # (H, D, dh)
+        Wo = self.head_weights().O  # (H, D, dh)
         if pos is None:
             pos = self.causal[:T, :T].to(s.dtype)
         pos = pos if pos.dim() == 3 else pos.unsqueeze(0)  # (1 or H, T, T)
-        return token_space_attention(s, A[0] / math.sqrt(dh), A[1], A[2], Wo, self.out.bias, pos)
+        return token_space_attention(s, A[0] / math.sqrt(self.head_dim), A[1], A[2], Wo, self.out.bias, pos)
 
     def forward(self, x: torch.Tensor, coords: TokenCoords | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `coords`, when given, must describe x (x = s basis^T + offset)."""
         B, T, _ = x.shape
         path = self.path(coords, T)
         if path == AttentionPath.fused:
-            q, k, v = self._split_heads(x)  # each (B, H, T, dh)
+            q, k, v = self.project(x)  # each (B, H, T, dh)
             return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
         pos = self.positional_weights(T)  # batch-independent: computed once
         if path == AttentionPath.token_space:
@@ -288,15 +323,24 @@ def mask_gd_blocks(attn: MultiHeadAttention, d: int) -> None:
 class Block(nn.Module):
     """x <- x + LayerNorm(Attention(x)); LayerNorm and residual optional."""
 
-    def __init__(self, cfg: ModelConfig, d_model: int, head_dim: int, max_len: int) -> None:
+    def __init__(self, cfg: TransformerConfig, d_model: int, head_dim: int, max_len: int) -> None:
         super().__init__()
         self.attn = MultiHeadAttention(cfg, d_model, head_dim, max_len)
         self.norm = nn.LayerNorm(d_model) if cfg.layernorm else nn.Identity()
         self.residual = cfg.residual
 
-    def forward(self, x: torch.Tensor, coords: TokenCoords | None = None) -> torch.Tensor:
-        h = self.norm(self.attn(x, coords))  # (B, T, d_model)
+    def output(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input x and the attention's output h, both (B, T, d_model)."""
+        h = self.norm(h)  # (B, T, d_model)
         return x + h if self.residual else h
+
+    def forward(self, x: torch.Tensor, coords: TokenCoords | None = None) -> torch.Tensor:
+        return self.output(x, self.attn(x, coords))
+
+    def forward_with_context(self, x_query: torch.Tensor, x_context: torch.Tensor) -> torch.Tensor:
+        """The block with queries (and the residual) from x_query, keys and values from x_context: `forward(x)` when
+        both are x, on the explicit path (`MultiHeadAttention.forward_with_context`)."""
+        return self.output(x_query, self.attn.forward_with_context(x_query, x_context))
 
 
 class Transformer(nn.Module):
@@ -305,7 +349,7 @@ class Transformer(nn.Module):
     accepts_complex = False
     first_position = 1  # every position t >= 1 is predicted
 
-    def __init__(self, cfg: ModelConfig, token_dim: int, out_dim: int, max_len: int, augmented: bool) -> None:
+    def __init__(self, cfg: TransformerConfig, token_dim: int, out_dim: int, max_len: int, augmented: bool) -> None:
         super().__init__()
         d_model = cfg.d_model or token_dim
         head_dim = cfg.head_dim or d_model
