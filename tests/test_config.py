@@ -111,3 +111,17 @@ def test_cli_bad_value_is_one_clear_line(tmp_path):
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert lines == ["config error: model.n_heads must be >= 1, got 0"], proc.stderr
+
+
+def test_configs_of_the_flat_model_config_still_load():
+    """Runs saved before the architectures had their own config classes carry the other architecture's keys with
+    their defaults (init_std and pe_only in a Transformer's config): their checkpoints load and resume as before,
+    while a key no architecture has still fails."""
+    from icar.training.resume import check_resume
+
+    new = to_plain_dict(TrainConfig())
+    old = {**new, "model": {**new["model"], "init_std": 0.1, "pe_only": False}}
+    assert to_dataclass(old) == TrainConfig()
+    assert check_resume(old, new, override=False) == {}
+    with pytest.raises(ConfigKeyError):
+        to_dataclass({**new, "model": {**new["model"], "n_layerz": 2}})

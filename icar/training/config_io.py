@@ -3,6 +3,7 @@ OmegaConf type-checks every key against the dataclasses of icar.config on the wa
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -28,11 +29,24 @@ def model_class(cfg: DictConfig | dict[str, Any]) -> type[ModelConfig]:
     return MODEL_CONFIGS[Arch(arch)] if arch is not None else MODEL_CONFIGS[Arch.transformer]
 
 
+def other_architectures_keys(cls: type[ModelConfig]) -> set[str]:
+    """Keys that only the other architectures' configs have: a config saved before the architectures had their own
+    classes (one flat model config, up to icar of 2026-12-04) carries them with their defaults."""
+    own = {f.name for f in fields(cls)}
+    return {f.name for other in MODEL_CONFIGS.values() for f in fields(other)} - own
+
+
 def to_dataclass(cfg: DictConfig | TrainConfig | dict[str, Any]) -> TrainConfig:
-    """Merge `cfg` onto the schema of its architecture (type-checking every key) and return a `TrainConfig`."""
+    """Merge `cfg` onto the schema of its architecture (type-checking every key) and return a `TrainConfig`. A plain
+    dict (a checkpoint's hyperparameters, a run's config.yaml) may come from the flat model config of older runs:
+    the other architecture's keys are dropped from it, any other unknown key still fails."""
     if isinstance(cfg, TrainConfig):
         return cfg
-    typed = OmegaConf.merge(schema(), {"model": OmegaConf.structured(model_class(cfg))})
+    cls = model_class(cfg)
+    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+        foreign = other_architectures_keys(cls)
+        cfg = {**cfg, "model": {k: v for k, v in cfg["model"].items() if k not in foreign}}
+    typed = OmegaConf.merge(schema(), {"model": OmegaConf.structured(cls)})
     return OmegaConf.to_object(OmegaConf.merge(typed, cfg))  # type: ignore[return-value]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from icar.config import ConfigError
+from icar.training.config_io import to_dataclass, to_plain_dict
 from icar.training.loggers import METRICS_FILE
 
 # may differ on resume without opt-in: how long and how often, what is logged and shown, where things go
@@ -43,7 +44,7 @@ def is_safe(key: str) -> bool:
 def check_resume(old: dict[str, Any], new: dict[str, Any], override: bool) -> dict[str, tuple[Any, Any]]:
     """The diff between the checkpoint's config and this launch's; ConfigError (one line) when it changes the
     model, the data, the optimisation or the seed and `resume_override` is not set."""
-    diff = config_diff(old, new)
+    diff = config_diff(to_plain_dict(to_dataclass(dict(old))), new)  # old: as this icar records it
     refused = [k for k in diff if not is_safe(k)]
     if refused and not override:
         changes = ", ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in refused)
