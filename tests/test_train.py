@@ -27,6 +27,23 @@ def to_dataclass_dict(cfg) -> dict:
     return to_plain_dict(to_dataclass(cfg))
 
 
+def _step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_last_checkpoint_holds_the_final_weights_even_when_they_are_not_the_best(make_cfg, tmp_path):
+    """last.ckpt is the newest validated step and best.ckpt the lowest val/mse, also when the run ends worse than it
+    was (a learning rate this high makes sure of it): analyses and figures read the final model from last.ckpt."""
+    metrics = run(make_cfg(*FAST, "optim.lr=0.5", "trainer.max_steps=8", "trainer.val_check_interval=2"))
+    folder = tmp_path / "run" / "checkpoints"
+    assert _step(folder / "last.ckpt") == 8
+    best = torch.load(folder / "best.ckpt", map_location="cpu", weights_only=False)
+    records = [r for r in read_metrics(tmp_path / "run") if "val/mse" in r]
+    assert min(r["val/mse"] for r in records) < records[-1]["val/mse"] == metrics["val/mse"]  # not the best at the end
+    assert best["global_step"] == min(records, key=lambda r: r["val/mse"])["step"] < 8
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def _load(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
@@ -47,6 +64,7 @@ def test_run_folder_and_metrics(make_cfg, tmp_path):
     assert math.isclose(sum(curve) / len(curve), metrics["val/mse"], rel_tol=1e-5)
     assert math.isclose(curve[-1], metrics["val/mse_last"], rel_tol=1e-5)
     assert json.loads((folder / "summary.json").read_text())["global_step"] == 4
+    assert _step(folder / "checkpoints" / "last.ckpt") == 4
     assert_curves_share_the_steps_of_val_metrics(records)
 
 

@@ -119,7 +119,10 @@ def _train(cfg: TrainConfig, run_dir: Path, extra: list[Callback], devices: list
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         *extra,
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=names.CHECKPOINT_MONITOR, mode="min", save_last=True),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=names.CHECKPOINT_MONITOR, mode="min"),
+        # last.ckpt: the newest validated weights. Not save_last=True: Lightning 2.6 writes that one only when the
+        # monitored checkpoint improves, so a run whose last validation was not its best kept older weights there.
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False),
         CheckpointOnInterrupt(ckpt_dir / "interrupted.ckpt"),
         *requeue_callbacks(),  # after CheckpointOnInterrupt: requeue once the checkpoint is written
         ValidateAtEnd(),
