@@ -40,6 +40,17 @@ class FigureNumbers(Protocol):
     def from_json(cls: type[N], data: Mapping[str, Any]) -> N: ...
 
 
+class FlatNumbers:
+    """Numbers whose dataclass fields are figure.json's keys, one to one (a field left at None is left out)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return to_keys(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Any:
+        return from_keys(cls, data)
+
+
 @dataclass(frozen=True)
 class Claim(Generic[N]):
     """One claim of docs/PAPER_NOTES.md §4: the paper's statement and number, and the rule that judges ours."""

@@ -3,10 +3,8 @@ orthogonality and its positional weights are measured, as the paper poses them a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,7 +14,7 @@ from icar.analysis.heads import head_orthogonality
 from icar.analysis.plots import PANEL, heatmap, plot_mse_by_position, plt, save_figure
 from icar.analysis.positional import positional_matrices
 from icar.analysis.runs import analysis_tables, load_model
-from icar.claims.base import NOT, REPRODUCED, Claim, ClaimFigure, Scale, Verdict, _f, _mean, from_keys, to_keys
+from icar.claims.base import FlatNumbers, NOT, REPRODUCED, Claim, ClaimFigure, Scale, Verdict, _f, _mean
 
 # the fields of Fig7Numbers that are means over the seeds of one final metric
 RUN_METRICS = {
@@ -35,7 +33,7 @@ RUN_METRICS = {
 
 
 @dataclass
-class Fig7Numbers:
+class Fig7Numbers(FlatNumbers):
     """The sizes, the MSEs against the baselines (mean over seeds), the heads' cosines and the shape of P."""
 
     H: int
@@ -56,13 +54,6 @@ class Fig7Numbers:
     P_fit_newest: float
     P_two_tap_energy: float
     P_first_two_share: float | None = None  # of a model with a positional factor
-
-    def to_json(self) -> dict[str, Any]:
-        return to_keys(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Fig7Numbers:
-        return from_keys(cls, data)
 
 
 def draw(runs: pd.DataFrame, out: Path) -> tuple[Fig7Numbers, list[Path]]:

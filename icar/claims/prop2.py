@@ -3,10 +3,8 @@ last-token loss d (d - 1) / (T + d - 2); the figure sets the model's MSE beside 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,12 +12,12 @@ import pandas as pd
 from icar import metrics
 from icar.analysis.plots import plt, save_figure
 from icar.analysis.runs import analysis_tables
-from icar.claims.base import NOT, PARTLY, REPRODUCED, Claim, ClaimFigure, Scale, Verdict, _f, _mean, from_keys
+from icar.claims.base import FlatNumbers, NOT, PARTLY, REPRODUCED, Claim, ClaimFigure, Scale, Verdict, _f, _mean
 from icar.theory import prop2_min_loss
 
 
 @dataclass
-class Prop2Numbers:
+class Prop2Numbers(FlatNumbers):
     """The last-token MSE against the theory and tuned GD-1, and the in-context map against eta Y (mean over seeds)."""
 
     T: int
@@ -35,13 +33,6 @@ class Prop2Numbers:
     icmap_scale: float
     mse_last_over_theory: float
     mse_last_over_gd1: float
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Prop2Numbers:
-        return from_keys(cls, data)
 
 
 def draw(runs: pd.DataFrame, out: Path) -> tuple[Prop2Numbers, list[Path]]:

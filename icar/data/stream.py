@@ -16,7 +16,6 @@ from typing import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from icar.config import DataConfig
 from icar.data.sequences import SequenceSampler
 
 

@@ -110,10 +110,10 @@ def _png_tag(path: Path) -> str:
 
 
 def _with_gd_matched(runs: pd.DataFrame) -> pd.DataFrame:
-    """`val/gdL/mse_last`: GD with as many steps as the run's model has layers (docs/PAPER_NOTES.md §4.4), where logged."""
-    if "model.n_layers" not in runs:
-        return runs
-    gd = [run.get(metrics.val(metrics.MSE_LAST, metrics.gd(run["model.n_layers"]))) for _, run in runs.iterrows()]
+    """`val/gdL/mse_last`: GD with as many steps as the run's model has layers (docs/PAPER_NOTES.md §4.4), where logged;
+    a diagonal model (no `model.n_layers`) is one layer."""
+    layers = runs["model.n_layers"].fillna(1) if "model.n_layers" in runs else pd.Series(1, index=runs.index)
+    gd = [run.get(metrics.val(metrics.MSE_LAST, metrics.gd(L))) for (_, run), L in zip(runs.iterrows(), layers)]
     return runs.assign(**{GD_L: gd}) if any(pd.notna(v) for v in gd) else runs
 
 
