@@ -9,6 +9,9 @@ from omegaconf import DictConfig
 
 from icar.claims.fig4 import run_fig4, to_fig4_config
 from icar.config import ConfigError
+from icar.orchestration.hydra_config import register_configs
+
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fig4")

@@ -20,12 +20,14 @@ from icar.claims.fig4 import Fig4Numbers, judge_fig4
 from icar.claims.fig5 import Fig5Numbers, judge_fig5
 from icar.claims.record import FigureRecord
 from icar.claims.registry import CLAIMS, FIGURES
-from icar.config import ConfigError, TrainConfig, validate
+from icar.config import ConfigError, DataConfig, DiagonalConfig, Tokens, TrainConfig, validate
 from icar.orchestration.figures import sweep_figures
 from icar.orchestration.reproduction import render
 from icar.training.config_io import to_dataclass
 from tests.conftest import FAST, REPO
 from tests.test_sweeps import compose_sweep, expand
+
+pytestmark = pytest.mark.xdist_group("figures")  # make test -n: the figure sweeps (a module fixture) run once
 
 # figure -> (overrides that narrow its grid for the smoke run, jobs at paper scale, jobs at CPU scale); the sweep
 # configs are the claim's protocol (icar/claims/<figure>.py)
@@ -160,8 +162,7 @@ def test_positional_only_model_trains_only_P_from_zero():
     assert model.P.grad is not None
     with pytest.raises(ValueError, match="n_heads == d"):
         DiagonalAttention(d=2, n_heads=1, max_len=6, pe_only=True)
-    cfg = TrainConfig()
-    cfg.model.pe_only = True
+    cfg = TrainConfig(model=DiagonalConfig(pe_only=True), data=DataConfig(tokens=Tokens.raw))  # 10 heads, d = 5
     with pytest.raises(ConfigError, match="model.pe_only=true"):
         validate(cfg)
 

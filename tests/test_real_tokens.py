@@ -14,6 +14,7 @@ from icar.config import ConfigError
 from icar.data.real_tokens import (EmbeddingSource, corpus_ids, cut_windows, load_embedding_source, paragraphs,
                                    shuffle_windows, subsample_windows, unit_rows)
 from icar.claims.fig4 import fig4_numbers, run_fig4, to_fig4_config
+from icar.orchestration.hydra_config import register_configs
 from tests.conftest import CONF_DIR
 
 TEXT = ("The whale swam on. Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
@@ -129,6 +130,7 @@ def test_run_fig4_smoke(tmp_path: Path):
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT * 3)
     run_dir = tmp_path / "run"
+    register_configs()  # fig4_schema, as scripts/fig4.py does
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("fig4", overrides=[f"text={corpus}", "max_windows=40", f"run_dir={run_dir}",
                                          "logger.mode=offline"])

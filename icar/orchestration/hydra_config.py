@@ -10,6 +10,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from icar.claims.fig4 import Fig4Config
 from icar.config import DiagonalConfig, TransformerConfig
 from icar.training.config_io import schema
 
@@ -54,13 +55,14 @@ def slurm_gpus(accelerator: str, devices: int) -> int | None:
 
 
 def register_configs() -> None:
-    """Register the schema (`train_schema`) with Hydra and the resolvers of conf/: `icar_run_dir`, `icar_run_root`,
+    """Register the schemas (`train_schema`, `fig4_schema`) with Hydra and the resolvers of conf/: `icar_run_dir`, `icar_run_root`,
     `icar_launch_id` (train.yaml, sweeps/), `icar_gpu_count` (hydra/launcher/gpus.yaml) and `icar_slurm_gpus`
     (hydra/launcher/slurm.yaml)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=schema())
     store.store(group="model", name="transformer_schema", node=TransformerConfig)  # conf/model/linear.yaml, softmax
     store.store(group="model", name="diagonal_schema", node=DiagonalConfig)  # conf/model/diagonal.yaml
+    store.store(name="fig4_schema", node=Fig4Config)  # conf/fig4.yaml
     OmegaConf.register_new_resolver("icar_run_dir", run_dir_for, replace=True)
     OmegaConf.register_new_resolver("icar_run_root", run_root_for, replace=True)
     OmegaConf.register_new_resolver("icar_launch_id", launch_id, replace=True)
