@@ -238,6 +238,24 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+PYDOC = "pydoc"  # Fig4Config.text: Python's reference documentation (pydoc_data.topics), shipped with Python
+
+
+@dataclass
+class Fig4Config:
+    """Figure 4 (icar/claims/fig4.py, scripts/fig4.py): AR(1) fits of windows of real token embeddings; no training."""
+
+    source: str = "wordllama"  # wordllama | hf:<model name or path>
+    text: str = PYDOC  # pydoc | path of a text file
+    T: int = 5
+    max_windows: int = 10000  # 0: every window of the corpus
+    threshold: float = 1e-12  # MSE <= threshold counts as an exact fit
+    float32_check: bool = True  # also fit in float32 as the authors did (torch.linalg.lstsq, gelsy)
+    seed: int = 0
+    run_dir: Optional[str] = None  # None: the current directory
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
 class ConfigError(ValueError):
     """A config value outside what is allowed; the message names the key and the allowed values."""
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,8 +19,8 @@ from icar.analysis.ar_fit import (ar1_mse, ar1_mse_float32, conflicting_repeat, 
                                   plot_mse_histogram)
 from icar.claims.base import NOT, PARTLY, REPRODUCED, Claim, ClaimFigure, Scale, Verdict, _f, from_keys, to_keys
 from icar.claims.record import FigureRecord, command_line, machine, now
-from icar.config import ConfigError, LoggerConfig, LoggerKind
-from icar.data.real_tokens import (PYDOC, corpus_ids, cut_windows, embed_windows, load_corpus, load_embedding_source,
+from icar.config import PYDOC, ConfigError, Fig4Config, LoggerKind
+from icar.data.real_tokens import (corpus_ids, cut_windows, embed_windows, load_corpus, load_embedding_source,
                                    shuffle_windows, subsample_windows, unit_rows)
 from icar.training.loggers import wandb_mode
 
@@ -28,19 +28,6 @@ FIGURE_STEM = "ar_fit_hist"
 PANELS = {"float64": "float64 (primary)", "float32": "float32 (authors' lstsq)"}  # figure panel titles
 SETS = ("real", "shuffled")
 PAPER_SOURCE = "gpt2-large"  # the authors' embeddings (with Moby Dick)
-
-
-@dataclass
-class Fig4Config:
-    source: str = "wordllama"  # wordllama | hf:<model name or path>
-    text: str = PYDOC  # pydoc | path of a text file
-    T: int = 5
-    max_windows: int = 10000  # 0: every window of the corpus
-    threshold: float = 1e-12  # MSE <= threshold counts as an exact fit
-    float32_check: bool = True  # also fit in float32 as the authors did (torch.linalg.lstsq, gelsy)
-    seed: int = 0
-    run_dir: Optional[str] = None  # None: the current directory
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def to_fig4_config(cfg: DictConfig | Fig4Config | dict[str, Any]) -> Fig4Config:

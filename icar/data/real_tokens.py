@@ -20,10 +20,11 @@ from pydoc_data.topics import topics
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+from icar.config import PYDOC
+
 WORDLLAMA_WEIGHTS = "weights/l2_supercat_256.safetensors"
 WORDLLAMA_TOKENIZER = "tokenizers/l2_supercat_tokenizer_config.json"
 WORDLLAMA_KEY = "embedding.weight"
-PYDOC = "pydoc"
 _UNDERLINE = re.compile(r"^\s*([^\w\s])\1+\s*$")  # a reST heading underline: "*****", "=====", "-----"
 
 

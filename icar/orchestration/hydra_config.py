@@ -10,8 +10,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from icar.claims.fig4 import Fig4Config
-from icar.config import DiagonalConfig, TransformerConfig
+from icar.config import DiagonalConfig, Fig4Config, TransformerConfig
 from icar.training.config_io import schema
 
 
