@@ -53,16 +53,16 @@ bench: $(STAMP) ## Print training throughput, data-sampling share and Lightning 
 bench-baselines: $(STAMP) ## Time GD step-size tuning and the baselines' evaluation (vs the explicit recursion)
 	$(PY) scripts/bench_baselines.py $(ARGS)
 
-sweep-depth: $(STAMP) ## MSE vs depth against L GD steps (SCALE=quick: CPU, < 10 min; ARGS="hydra/launcher=gpus")
+sweep-depth: $(STAMP) ## MSE vs depth against L GD steps (SCALE=cpu: < 10 min; ARGS="hydra/launcher=gpus")
 	$(PY) scripts/train.py -m --config-dir sweeps --config-name depth$(SWEEP_SUFFIX) $(ARGS)
 
-sweep-heads: $(STAMP) ## MSE and head orthogonality vs the number of heads (SCALE=quick | paper)
+sweep-heads: $(STAMP) ## MSE and head orthogonality vs the number of heads (SCALE=cpu | paper)
 	$(PY) scripts/train.py -m --config-dir sweeps --config-name heads$(SWEEP_SUFFIX) $(ARGS)
 
-sweep-T: $(STAMP) ## MSE vs context length T against one GD step (SCALE=quick | paper)
+sweep-T: $(STAMP) ## MSE vs context length T against one GD step (SCALE=cpu | paper)
 	$(PY) scripts/train.py -m --config-dir sweeps --config-name T$(SWEEP_SUFFIX) $(ARGS)
 
-sweep-d: $(STAMP) ## MSE vs dimension d against one GD step (SCALE=quick | paper)
+sweep-d: $(STAMP) ## MSE vs dimension d against one GD step (SCALE=cpu | paper)
 	$(PY) scripts/train.py -m --config-dir sweeps --config-name d$(SWEEP_SUFFIX) $(ARGS)
 
 prop2: $(STAMP) ## Claim 1: one augmented layer = one GD step (SCALE=cpu (default) | paper)

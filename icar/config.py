@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 
 
-
 class Family(str, Enum):
     """Context-matrix families of docs/PAPER_NOTES.md §1.2."""
 
@@ -133,8 +132,8 @@ class ModelConfig:
     model=softmax and model=diagonal pick one)."""
 
     arch: Arch = Arch.transformer
-    n_heads: int = 4
-    attention: Attention = Attention.linear
+    n_heads: int = 4  # several heads, so that head orthogonality is visible in every run
+    attention: Attention = Attention.linear  # Transformer: token weights q.k / sqrt(head_dim), or their softmax
 
 
 @dataclass
@@ -142,9 +141,6 @@ class TransformerConfig(ModelConfig):
     """The causal attention-only Transformer (icar/models/transformer.py). The defaults are `make train`'s model:
     one layer, 4 heads and a learned multiplicative P, so that every run shows every analysis."""
 
-    arch: Arch = Arch.transformer
-    n_heads: int = 4  # several heads, so that head orthogonality is visible in every run
-    attention: Attention = Attention.linear  # token weights: q.k / sqrt(head_dim), or their softmax over t' <= t
     n_layers: int = 1
     head_dim: int = 0  # 0: d_model
     d_model: int = 0  # 0: the token width (3d augmented, d raw; doubled for complex data)

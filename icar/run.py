@@ -1,6 +1,6 @@
 """`run(cfg) -> metrics`: train one model and analyse it, what scripts, sweeps, searches, tests and notebooks call.
 
-Training (icar.training.train) knows nothing of the analyses; they join as a callback when `eval.analysis` is on,
+Training (icar.training.run.train) knows nothing of the analyses; they join as a callback when `eval.analysis` is on,
 and their numbers join the returned metrics (and summary.json) as `analysis/<name>`.
 """
 
@@ -20,12 +20,12 @@ from icar.training.run import train
 
 
 def run(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback] | None = None,
-        devices: list[int] | None = None) -> dict[str, float]:
-    """Train (`icar.training.train`: its arguments) and, when `cfg.eval.analysis`, analyse the model at the end of
+        devices: list[int] | None = None, strategy: str | None = None) -> dict[str, float]:
+    """Train (`icar.training.run.train`: its arguments) and, when `cfg.eval.analysis`, analyse the model at the end of
     training (and after every `eval.analysis_every`-th validation) into RUN/analysis/."""
     cfg = to_dataclass(cfg)
     extra = list(callbacks or [])
     if cfg.eval.analysis:
         run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
         extra.append(AnalysisCallback(run_dir, cfg.eval.analysis_every, cfg.trainer.val_check_interval))
-    return train(cfg, extra, devices)
+    return train(cfg, extra, devices, strategy)

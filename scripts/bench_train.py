@@ -62,7 +62,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import icar.run  # noqa: E402
-from icar.config import LossOn, Tokens, validate  # noqa: E402
+from icar.config import LossOn, Tokens, n_layers, validate  # noqa: E402
 from icar.orchestration.hydra_config import register_configs  # noqa: E402
 from icar.training.config_io import to_dataclass, to_plain_dict  # noqa: E402
 from icar.data.tokens import encode_tokens  # noqa: E402
@@ -464,9 +464,10 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, tmp:
     cfg, val_interval, run_steps = compose_config(name, tmp / name.replace(":", "_").replace("=", "_"), device, bounds[-1],
                                        args.override)
     batch = int(cfg.data.batch_size)
+    model = to_dataclass(cfg).model  # TransformerConfig or DiagonalConfig
     print(f"\n== {name}: batch {batch}, d={cfg.data.d}, T={cfg.data.T}, tokens={cfg.data.tokens}, "
-          f"heads={cfg.model.n_heads}x{cfg.model.head_dim or cfg.model.d_model or 'auto'}, "
-          f"layers={cfg.model.n_layers}, {cfg.model.attention}/{cfg.model.positional}; "
+          f"heads={model.n_heads}x{getattr(model, 'head_dim', 0) or getattr(model, 'd_model', 0) or 'auto'}, "
+          f"layers={n_layers(model)}, {model.attention}/{getattr(model, 'positional', 'P')}; "
           f"{warmup} warm-up + {steps} timed steps in {len(bounds) - 1} chunks", flush=True)
 
     load_before = os.getloadavg()[0]

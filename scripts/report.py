@@ -30,7 +30,7 @@ from icar.analysis.runs import first_value, swept_keys  # noqa: E402
 from icar.orchestration.figures import AGGREGATE_DIR  # noqa: E402
 from icar.orchestration.job import sweep_group  # noqa: E402
 from icar.orchestration.sweep import aggregate  # noqa: E402
-from icar.training.loggers import has_wandb_key  # noqa: E402
+from icar.training.wandb_mode import has_wandb_key  # noqa: E402
 
 OFFLINE_MODES = ("offline", "disabled", "dryrun")  # WANDB_MODE values under which nothing reaches the server
 

@@ -96,7 +96,7 @@ def test_auto_picks_token_space_for_figure7_and_coordinates_for_figure5() -> Non
                        residual=False, readout=Readout.linear)
     m7 = Transformer(fig7, 5, 5, 50, False)
     assert m7.blocks[0].attn.path(m7.token_coords(torch.zeros(1, 50, 5)), 50) == AttentionPath.token_space
-    fig5 = TransformerConfig(n_heads=1, n_layers=2, readout=Readout.linear)
+    fig5 = TransformerConfig(n_heads=1, n_layers=2, positional=Positional.none, readout=Readout.linear)
     m5 = Transformer(fig5, 15, 5, 50, True)
     e = torch.cat([torch.zeros(1, 50, 5), torch.randn(1, 50, 10)], -1)
     assert m5.blocks[0].attn.path(m5.token_coords(e), 50) == AttentionPath.coordinates  # r = 10 < head_dim = 15

@@ -16,7 +16,8 @@ from icar.config import LoggerConfig, WandbMode
 
 from icar.training.config_io import to_dataclass, to_plain_dict
 from icar.training.datamodule import ARDataModule
-from icar.training.loggers import read_metrics, wandb_mode
+from icar.training.loggers import read_metrics
+from icar.training.wandb_mode import wandb_mode
 from icar.objective import squared_error
 from icar.run import run
 from icar.training.module import ICARModule

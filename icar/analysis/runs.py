@@ -57,7 +57,7 @@ def load_runs(sweep_dir: Path) -> pd.DataFrame:
 
 
 def swept_values(tags: Any) -> dict[str, str]:
-    """{key: value} of a run's `key=value` W&B tags (what its sweep swept, icar.training.loggers.sweep_context); `tags` is the
+    """{key: value} of a run's `key=value` W&B tags (what its sweep swept, icar.orchestration.job.sweep_context); `tags` is the
     run's `logger.tags` as loaded from config.yaml (a list) or read back from runs.csv (its string)."""
     if isinstance(tags, str):
         try:

@@ -22,7 +22,7 @@ from icar.claims.record import FigureRecord, command_line, machine, now
 from icar.config import PYDOC, ConfigError, Fig4Config, LoggerKind
 from icar.data.real_tokens import (corpus_ids, cut_windows, embed_windows, load_corpus, load_embedding_source,
                                    shuffle_windows, subsample_windows, unit_rows)
-from icar.training.loggers import wandb_mode
+from icar.training.wandb_mode import wandb_mode
 
 FIGURE_STEM = "ar_fit_hist"
 PANELS = {"float64": "float64 (primary)", "float32": "float32 (authors' lstsq)"}  # figure panel titles

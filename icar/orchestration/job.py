@@ -121,7 +121,7 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     try:
         train_cfg = to_dataclass(cfg)
         validate(train_cfg)
-        check_memory(train_cfg, device_claimed_later=parallel_sweep_lock_dir() is not None)
+        check_memory(train_cfg, device_claimed=parallel_sweep_lock_dir() is not None)
     except ConfigError as err:
         if multirun:  # one failed job (an Optuna sweep records the trial as failed and goes on), not the whole sweep
             record_failure(Path(output_dir), f"config error: {err}")
@@ -135,11 +135,11 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     from icar.run import run
 
     train_cfg = with_sweep_context(train_cfg)
-    devices, train_cfg.trainer.strategy, held = job_devices(train_cfg.trainer)
+    devices, strategy, held = job_devices(train_cfg.trainer)
     start = time.monotonic()
     try:
         with held:  # the GPUs this job holds in a parallel sweep, released however the run ends
-            metrics = run(train_cfg, callbacks=trial_callbacks(), devices=devices)
+            metrics = run(train_cfg, callbacks=trial_callbacks(), devices=devices, strategy=strategy)
     except (ConfigError, RunFailure) as err:
         line = failure_line(err) or str(err)
         if multirun:

@@ -20,7 +20,7 @@ from icar.config import LoggerConfig, LoggerKind, WandbMode
 from icar.orchestration.figures import AGGREGATE_DIR, make_figure
 from icar.orchestration.job import sweep_group
 from icar.orchestration.report import write_html_report
-from icar.training.loggers import wandb_mode
+from icar.training.wandb_mode import wandb_mode
 
 log = logging.getLogger(__name__)
 

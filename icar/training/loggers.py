@@ -6,22 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import netrc
-import os
-import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from icar import metrics
-from icar.config import ConfigError, LoggerConfig, LoggerKind, WandbMode
+from icar.config import LoggerConfig, LoggerKind
 from icar.training.wandb_mirror import MirrorWandbLogger, mirror
+from icar.training.wandb_mode import checked_wandb_mode, wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -78,56 +75,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl, in order."""
     with (Path(run_dir) / METRICS_FILE).open() as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def has_wandb_key() -> bool:
-    """True when an API key is configured: WANDB_API_KEY, or a netrc entry for the W&B host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def wandb_mode(cfg: LoggerConfig) -> str:
-    """`auto` -> WANDB_MODE if set, else online with a key and offline without: never a login prompt."""
-    if cfg.mode != WandbMode.auto:
-        return cfg.mode.value
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if has_wandb_key() else "offline"
-
-
-def wandb_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the W&B server (or the HTTPS proxy in the way) opens within `timeout` seconds:
-    wandb itself waits its whole init_timeout, then fails, on a node without network."""
-    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or \
-        os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    parsed = urlsplit(url if "://" in url else f"http://{url}")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def checked_wandb_mode(cfg: LoggerConfig, run_dir: str | Path) -> str:
-    """`wandb_mode`, refusing online without a key (one line) and falling back to offline, with one warning line,
-    when the server cannot be reached."""
-    mode = wandb_mode(cfg)
-    if mode != "online":
-        return mode
-    if not has_wandb_key():
-        raise ConfigError("W&B is set online (logger.mode or WANDB_MODE) but no API key is configured: set"
-                          " WANDB_API_KEY or run `wandb login`, or use logger.mode=offline")
-    if not wandb_reachable():
-        log.warning(f"W&B server {os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')} unreachable: logging"
-                    f" offline; upload later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*`")
-        return "offline"
-    return mode
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config: dict[str, Any]) -> list[Logger]:

@@ -91,8 +91,9 @@ def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
     K = cfg.eval.gd_steps
     wide = 16 if complex_data else 8  # the baselines work in complex128 / float64
     est = MemoryEstimate()
-    attn_keys = f"data.batch_size={B} x model.n_heads={H} x data.T={T}^2 x model.n_layers={L}"
-    mask_keys = f"data.T={T}^2 x model.n_layers={L}"
+    layers = f" x model.n_layers={L}" if m.arch == Arch.transformer else ""  # the diagonal model is one layer
+    attn_keys = f"data.batch_size={B} x model.n_heads={H} x data.T={T}^2{layers}"
+    mask_keys = f"data.T={T}^2{layers}"
     if m.arch == Arch.diagonal:
         params = 2 * H * d + T * T
         est.persistent.append(Part("causal mask (T, T)", 4 * T * T, f"data.T={T}^2"))
@@ -138,9 +139,9 @@ def estimate_memory(cfg: TrainConfig) -> MemoryEstimate:
     return est
 
 
-def available_memory(cfg: TrainConfig, device_claimed_later: bool = False) -> tuple[float, str] | None:
-    """(bytes free, what was measured) on the device this process trains on; None where it cannot be told (also for
-    a job of a parallel sweep, which claims its GPU only when it trains)."""
+def available_memory(cfg: TrainConfig, device_claimed: bool = False) -> tuple[float, str] | None:
+    """(bytes free, what was measured) on the device this process trains on; None where it cannot be told, and for
+    a job of a parallel sweep (`device_claimed`): it trains on a GPU of its own, claimed when it starts."""
     kind, _ = available_devices(cfg.trainer.accelerator)
     if kind == "cpu":
         return host_memory()
@@ -148,7 +149,7 @@ def available_memory(cfg: TrainConfig, device_claimed_later: bool = False) -> tu
         return None  # mps: unified memory, no reliable figure
     if not torch.cuda.is_available():
         return None
-    if cfg.trainer.strategy in ("ddp_fork", "ddp_notebook") or device_claimed_later:
+    if cfg.trainer.strategy in ("ddp_fork", "ddp_notebook") or device_claimed:
         return None  # CUDA must stay uninitialised before a fork; a parallel sweep's job claims its GPU later
     index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()  # the GPU this rank will use anyway
     return float(torch.cuda.mem_get_info(index)[0]), f"the free memory of GPU {index}"
@@ -178,7 +179,7 @@ def _size(n: float) -> str:
     return f"{n:.3g} PB"
 
 
-def check_memory(cfg: TrainConfig, device_claimed_later: bool = False) -> MemoryEstimate:
+def check_memory(cfg: TrainConfig, device_claimed: bool = False) -> MemoryEstimate:
     """Raise ConfigError (one line naming the keys that drive it) when the estimated peak exceeds the memory free on
     the device; a GPU run's step-size tuning is checked against the host's RAM. Set ICAR_SKIP_MEMORY_CHECK=1 to skip."""
     est = estimate_memory(cfg)
@@ -187,7 +188,7 @@ def check_memory(cfg: TrainConfig, device_claimed_later: bool = False) -> Memory
     on_gpu = available_devices(cfg.trainer.accelerator)[0] == "gpu"
     if not on_gpu and int(os.environ.get("LOCAL_RANK", 0)) > 0:
         return est  # rank 0 checked for every rank of this machine; by now it holds memory of its own
-    device = available_memory(cfg, device_claimed_later)
+    device = available_memory(cfg, device_claimed)
     ranks_here = 1 if on_gpu else cfg.trainer.devices
     if on_gpu:
         checks = [(est.total(est.persistent) + max(est.total(est.train), est.total(est.validation)), device,

@@ -66,18 +66,20 @@ class ReportsMetrics(Protocol):
 
 
 def train(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callback] | None = None,
-          devices: list[int] | None = None) -> dict[str, float]:
+          devices: list[int] | None = None, strategy: str | None = None) -> dict[str, float]:
     """Train one model from a config; return the final scalar metrics (also saved as summary.json).
 
     `callbacks` are added to the run's own (checkpoints, progress bar): the analyses, a search's pruning; the numbers
     of those that implement `ReportsMetrics` join the result. `devices`: the device indices to train on (a parallel
-    sweep's claimed GPUs) instead of `trainer.devices` of them.
+    sweep's claimed GPUs) instead of `trainer.devices` of them; `strategy`: Lightning's strategy instead of
+    `trainer.strategy` (ddp_spawn inside a local sweep), left out of the recorded config, so a resume compares like
+    with like.
     """
     cfg = to_dataclass(cfg)
     run_dir = Path(cfg.run_dir or os.getcwd()).absolute()
     quiet_lightning()
     try:
-        metrics = _train(cfg, run_dir, callbacks or [], devices)
+        metrics = _train(cfg, run_dir, callbacks or [], devices, strategy)
     except BaseException as err:
         line = failure_line(err)
         # a resume refused before it trained leaves the original run's folder as it was
@@ -90,9 +92,10 @@ def train(cfg: DictConfig | TrainConfig | dict[str, Any], callbacks: list[Callba
     return metrics
 
 
-def _train(cfg: TrainConfig, run_dir: Path, extra: list[Callback], devices: list[int] | None) -> dict[str, float]:
+def _train(cfg: TrainConfig, run_dir: Path, extra: list[Callback], devices: list[int] | None,
+           strategy: str | None) -> dict[str, float]:
     validate(cfg)
-    check_memory(cfg, device_claimed_later=devices is not None)
+    check_memory(cfg, device_claimed=devices is not None)
     cfg.ckpt_path = cfg.ckpt_path or requeued_checkpoint(run_dir)  # a requeued SLURM job continues where it stopped
     config = to_plain_dict(cfg)
     resumed = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
@@ -134,7 +137,7 @@ def _train(cfg: TrainConfig, run_dir: Path, extra: list[Callback], devices: list
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks.append(RankWatchdog(run_dir))  # several ranks: SIGTERM ends them even when one is frozen
     t = cfg.trainer
-    strategy = ddp_strategy(t.strategy, t.devices * t.num_nodes, t.ddp_timeout_s)  # collectives wait ddp_timeout_s
+    strategy = ddp_strategy(strategy or t.strategy, t.devices * t.num_nodes, t.ddp_timeout_s)  # collectives: ddp_timeout_s
     trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=devices if devices is not None else t.devices,
