@@ -65,7 +65,7 @@ def test_wandb_key_without_network_falls_back_offline(make_cfg, tmp_path, monkey
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "01234567")
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     start = time.monotonic()
-    with caplog.at_level("WARNING", logger="icar.training.loggers"):
+    with caplog.at_level("WARNING", logger="icar.training.wandb_mode"):
         run(make_cfg(*FAST, "logger=wandb", "eval.analysis=false"))
     assert time.monotonic() - start < 40  # it used to wait wandb's 60 s init_timeout, then die
     (warning,) = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
