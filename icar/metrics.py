@@ -10,7 +10,8 @@ predicted positions, the MSE at the last position and the curve over positions:
 from __future__ import annotations
 
 TRAIN_LOSS = "train/loss"
-GLOBAL_STEP = "global_step"
+GLOBAL_STEP = "global_step"  # summary.json: optimiser steps done
+WANDB_STEP = "trainer/global_step"  # the step metric Lightning's WandbLogger defines; our own W&B logs use it too
 
 # statistics of a validation curve
 MSE = "mse"  # mean over the predicted positions

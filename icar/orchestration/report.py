@@ -69,7 +69,7 @@ def build_wandb_report(runs: pd.DataFrame, figure_names: list[str], swept: list[
         columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in swept]
         columns.append(wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(METRIC), log=True))
         panels.append(wr.ParallelCoordinatesPlot(title=f"{METRIC} across the swept values", columns=columns))
-    panels.append(wr.LinePlot(title=metrics.VAL_MSE, x="trainer/global_step", y=[metrics.VAL_MSE], log_y=True))
+    panels.append(wr.LinePlot(title=metrics.VAL_MSE, x=metrics.WANDB_STEP, y=[metrics.VAL_MSE], log_y=True))
     panels.append(wr.MediaBrowser(title="analysis figures", media_keys=analysis_media_keys(runs), num_columns=2))
     if figure_names:
         panels.append(wr.MediaBrowser(title="sweep aggregate", media_keys=[f"aggregate/{n}" for n in figure_names],

@@ -122,7 +122,7 @@ def log_curves(loggers: list[Logger], step: int, xs: list[int], curves: dict[str
             plot = wandb.plot.line_series(
                 xs=xs, ys=[curves[n].tolist() for n in names], keys=names, title=title, xname="position t"
             )
-            mirror(logger, logger.experiment.log, {title: plot, "trainer/global_step": step})
+            mirror(logger, logger.experiment.log, {title: plot, metrics.WANDB_STEP: step})
 
 
 def log_analysis(
@@ -143,6 +143,6 @@ def log_analysis(
                 for path in paths
                 if path.suffix == ".png"
             }
-            mirror(logger, logger.experiment.log, {**images, **scalars, "trainer/global_step": step})
+            mirror(logger, logger.experiment.log, {**images, **scalars, metrics.WANDB_STEP: step})
             if summary:
                 mirror(logger, logger.experiment.summary.update, scalars)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from icar import metrics
 from icar.training.loggers import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ def wandb_history(run_dir: Path) -> dict[int, set[str]]:
         for line in out.splitlines():
             if '"type":"history"' in line:
                 item = json.loads(line)["history"]["item"]
-                if item.get("trainer/global_step") is not None:
-                    held.setdefault(int(item["trainer/global_step"]), set()).update(item)
+                if item.get(metrics.WANDB_STEP) is not None:
+                    held.setdefault(int(item[metrics.WANDB_STEP]), set()).update(item)
     return held
 
 
@@ -52,7 +53,7 @@ def missing_records(records: list[dict[str, Any]], held: dict[int, set[str]], be
         scalars = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))
                    and k not in held.get(step, ())}
         if scalars:
-            out.append({**scalars, "trainer/global_step": step})
+            out.append({**scalars, metrics.WANDB_STEP: step})
     return out
 
 
