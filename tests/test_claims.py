@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -119,7 +120,10 @@ def test_make_target_runs_the_protocol_of_each_scale(figure):
     target = claim_figure.target.removeprefix("make ")
 
     def command(*scale: str) -> str:
-        proc = subprocess.run(["make", "-n", target, *scale], cwd=REPO, capture_output=True, text=True, timeout=60)
+        # under `make test` the outer make's flags and variables (ARGS, SCALE) must not reach this one
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "ARGS", "SCALE")}
+        proc = subprocess.run(["make", "-n", "--no-print-directory", target, *scale], cwd=REPO, capture_output=True,
+                              text=True, timeout=60, env=env)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.splitlines()[-1] + " "
 
