@@ -48,10 +48,18 @@ def analysis(name: str) -> str:
 
 
 # analysis numbers (bare names, as in analysis.json; `analysis(name)` in metrics.jsonl and summary.json)
+HEADS = "heads/"  # the head-orthogonality numbers and matrices
+
+
+def heads_matrix(matrix: str) -> str:
+    """The heads' cosine matrix of one parameter matrix: `A`, `B` (diagonal model) or `layer<i>/kq`, `layer<i>/ov`
+    (Transformer)."""
+    return f"{HEADS}{matrix}"
+
+
 def heads_offdiag(matrix: str) -> str:
-    """Mean |off-diagonal cosine| between heads of one parameter matrix: `A`, `B` (diagonal model) or
-    `layer<i>/kq`, `layer<i>/ov` (Transformer)."""
-    return f"heads/{matrix}_offdiag"
+    """Mean |off-diagonal cosine| between heads of one parameter matrix (its cosine matrix's name + `_offdiag`)."""
+    return f"{heads_matrix(matrix)}_offdiag"
 
 
 def heads_layer(layer: int, kind: str) -> str:
@@ -85,3 +93,8 @@ def gd_eta_last(k: int) -> str:
 SUMMARY_MSE_LAST_OVER_GD1 = "summary/mse_last_over_gd1"
 SUMMARY_GD_STEPS_MATCHED_LAST = "summary/gd_steps_matched_last"
 SUMMARY_GD_STEPS_MATCHED = "summary/gd_steps_matched"
+
+# where a run keeps its analysis (read back by claims, reports and the closing block): RUN/analysis/ holds the figures
+# and analysis.json, whose tables are the MSE-by-position curves and GD's tuned step sizes
+ANALYSIS_DIR, ANALYSIS_FILE = "analysis", "analysis.json"
+CURVES_TABLE, GD_STEP_SIZES_TABLE = "mse_by_position", "gd_step_sizes"

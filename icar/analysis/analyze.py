@@ -15,9 +15,8 @@ from icar.analysis.compute import Curves, ModelAnalysis, compute_analysis
 from icar.analysis.curves import evaluate_curves
 from icar.analysis.draw import draw_analysis
 from icar.data.sequences import SequenceSampler
+from icar.metrics import ANALYSIS_DIR, ANALYSIS_FILE, CURVES_TABLE, GD_STEP_SIZES_TABLE
 from icar.training.module import ICARModule
-
-ANALYSIS_FILE = "analysis.json"
 
 
 @dataclass
@@ -33,7 +32,7 @@ class AnalysisResult:
 
     def record(self) -> dict[str, Any]:
         """analysis.json: scalars, figures and, where the model has them, mse_by_position and gd_step_sizes."""
-        tables = {"mse_by_position": self.analysis.mse_by_position, "gd_step_sizes": self.analysis.gd_step_sizes}
+        tables = {CURVES_TABLE: self.analysis.mse_by_position, GD_STEP_SIZES_TABLE: self.analysis.gd_step_sizes}
         return {
             "scalars": self.scalars,
             "figures": {k: [str(p) for p in v] for k, v in self.figures.items()},
@@ -65,4 +64,4 @@ def analyze_run_dir(run_dir: Path, checkpoint: str = "last", device: str = "cpu"
     data = module.cfg.data
     s, W = SequenceSampler(data).sample(data.val_size, torch.Generator().manual_seed(data.val_seed))  # the val set
     curves = evaluate_curves(module, s, W)
-    return analyze(module, run_dir / "analysis", curves)
+    return analyze(module, run_dir / ANALYSIS_DIR, curves)

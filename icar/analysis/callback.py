@@ -9,11 +9,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from icar import metrics
-from icar.analysis.analyze import AnalysisResult, analyze
+from icar.analysis.analyze import ANALYSIS_DIR, AnalysisResult, analyze
 from icar.training.loggers import log_analysis
 from icar.training.module import ICARModule
 
-ANALYSIS_DIR = "analysis"
 
 
 class AnalysisCallback(Callback):

@@ -44,7 +44,7 @@ def head_matrices(attn: MultiHeadAttention) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def head_orthogonality(model: nn.Module) -> dict[str, dict]:
-    """{"scalars": {heads_offdiag(name): float}, "matrices": {"heads/<name>": (H, H)}} with names A, B for the
+    """{"scalars": {heads_offdiag(name): float}, "matrices": {heads_matrix(name): (H, H)}} with names A, B for the
     diagonal model and layer{i}/kq, layer{i}/ov for a Transformer; both empty for other models. A matrix's key with
     `_offdiag` appended is its scalar's name (the figures title their panels with the keys)."""
     mats: dict[str, torch.Tensor] = {}
@@ -57,4 +57,4 @@ def head_orthogonality(model: nn.Module) -> dict[str, dict]:
             mats[metrics.heads_layer(i, "kq")] = cosine_matrix(kq)
             mats[metrics.heads_layer(i, "ov")] = cosine_matrix(ov)
     return {"scalars": {metrics.heads_offdiag(k): mean_abs_offdiag(v) for k, v in mats.items()},
-            "matrices": {f"heads/{k}": v.cpu() for k, v in mats.items()}}
+            "matrices": {metrics.heads_matrix(k): v.cpu() for k, v in mats.items()}}

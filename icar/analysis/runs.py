@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
+from icar.metrics import ANALYSIS_DIR, ANALYSIS_FILE
 from icar.training.failures import FAILURE_FILE
 from icar.training.module import ICARModule
 
-ANALYSIS_JSON = ("analysis", "analysis.json")
 IGNORED_KEYS = ("run_dir", "ckpt_path", "seed", "name")  # differ between runs without being a swept choice
 IGNORED_PREFIXES = ("logger.", "trainer.enable_progress_bar")
 
@@ -95,5 +95,5 @@ def load_model(run_dir: str | Path) -> torch.nn.Module:
 
 def analysis_tables(run_dir: str | Path) -> dict[str, Any]:
     """A run's analysis/analysis.json (numbers, GD's step sizes, the MSE-by-position curves); {} if it has none."""
-    path = Path(run_dir).joinpath(*ANALYSIS_JSON)
+    path = Path(run_dir) / ANALYSIS_DIR / ANALYSIS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from icar import metrics
+from icar.metrics import CURVES_TABLE
 from icar.analysis.heads import head_orthogonality
 from icar.analysis.plots import PANEL, heatmap, plot_mse_by_position, plt, save_figure
 from icar.analysis.positional import positional_matrices
@@ -67,14 +68,14 @@ def draw(runs: pd.DataFrame, out: Path) -> tuple[Fig7Numbers, list[Path]]:
     heads = head_orthogonality(model)
     P = positional_matrices(model, int(first["data.T"]))
     paths = []
-    curves = analysis_tables(first["run_dir"]).get("mse_by_position", {})
+    curves = analysis_tables(first["run_dir"]).get(CURVES_TABLE, {})
     if curves:
         paths += plot_mse_by_position(curves, out / "fig7_mse_by_position", title="Figure 7: MSE by position",
                                       first_position=model.first_position)
     panels = {**heads["matrices"], **P}
     fig, axes = plt.subplots(1, len(panels), figsize=(PANEL * len(panels), PANEL), squeeze=False)
     for ax, (name, M) in zip(axes[0], panels.items()):
-        if name.startswith("heads/"):
+        if name.startswith(metrics.HEADS):
             heatmap(ax, M, f"{name} cosines\nmean |off-diag| = {heads['scalars'][name + '_offdiag']:.3f}", vmax=1.0)
         else:
             T = M.shape[0]

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from icar import metrics
+from icar.metrics import CURVES_TABLE
 from icar.analysis.plots import plt, save_figure
 from icar.analysis.runs import analysis_tables
 from icar.claims.base import FlatNumbers, NOT, PARTLY, REPRODUCED, Claim, ClaimFigure, Scale, Verdict, _f, _mean
@@ -50,7 +51,7 @@ def draw(runs: pd.DataFrame, out: Path) -> tuple[Prop2Numbers, list[Path]]:
         icmap_scale=_mean(runs, metrics.analysis(metrics.icmap("gd1_scale"))),
         mse_last_over_theory=mse_last / theory, mse_last_over_gd1=mse_last / gd1)
     fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(11, 4))
-    curves = analysis_tables(first["run_dir"]).get("mse_by_position", {})
+    curves = analysis_tables(first["run_dir"]).get(CURVES_TABLE, {})
     for name, style in ((metrics.MODEL, "k-"), (metrics.gd(1), "b--"), (metrics.gd(2), "c--"), (metrics.OLS, "r:")):
         if name in curves:
             y = np.asarray(curves[name][1:], dtype=float)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Mapping
 
 from icar import metrics as names
+from icar.metrics import ANALYSIS_DIR
 from icar.metrics import GLOBAL_STEP, MODEL, MSE, MSE_LAST, OLS, ZERO, gd, val
 
 
@@ -62,9 +63,9 @@ def closing_block(metrics: Mapping[str, float], run_dir: Path, n_layers: int, se
     rows.append(("least squares (OLS)", OLS))
     lines += [r for r in (_row(label, metrics, of) for label, of in rows) if r is not None]
     lines.append(f"  {_worth(metrics)}")
-    figures = sorted((run_dir / "analysis").glob("*.png"))
+    figures = sorted((run_dir / ANALYSIS_DIR).glob("*.png"))
     if figures:
-        lines.append(f"  figures: {run_dir / 'analysis'}/{{{','.join(p.stem for p in figures)}}}.png (and .pdf)")
+        lines.append(f"  figures: {run_dir / ANALYSIS_DIR}/{{{','.join(p.stem for p in figures)}}}.png (and .pdf)")
     if list((run_dir / "wandb").glob("offline-run-*")):
         lines.append(f"  W&B offline; upload with: wandb sync {run_dir / 'wandb'}/offline-run-*")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from icar import metrics
+from icar.metrics import ANALYSIS_DIR
 from icar.orchestration.figures import AGGREGATE_DIR
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def analysis_media_keys(runs: pd.DataFrame) -> list[str]:
     """`analysis/<figure>` keys of the images the runs log: the PNGs in their RUN/analysis/ folders, else the figures
     `icar.analysis.analyze` draws."""
     names = {p.stem for run_dir in runs.get("run_dir", pd.Series(dtype=str)).dropna()
-             for p in (Path(str(run_dir)) / "analysis").glob("*.png")}
+             for p in (Path(str(run_dir)) / ANALYSIS_DIR).glob("*.png")}
     return [metrics.analysis(name) for name in sorted(names or ANALYSIS_FIGURES)]
 
 

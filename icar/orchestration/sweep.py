@@ -40,7 +40,7 @@ def aggregate(sweep_dir: Path, metric: str = metrics.VAL_MSE_LAST) -> dict[str, 
         name = f"{metric.replace('/', '_')}_vs_{key}"
         figures[name] = plot_metric_against(runs, key, out / name, metric, hue)
     if "model.n_heads" in keys:  # head orthogonality (docs/PAPER_NOTES.md §3.5) against the number of heads
-        for column in sorted(c for c in runs.columns if c.startswith(metrics.analysis("heads/")) and c.endswith("_offdiag")):
+        for column in sorted(c for c in runs.columns if c.startswith(metrics.analysis(metrics.HEADS)) and c.endswith("_offdiag")):
             if runs[column].notna().any():
                 name = f"{column.replace('/', '_')}_vs_model.n_heads"
                 figures[name] = plot_metric_against(runs.dropna(subset=[column]), "model.n_heads", out / name,
