@@ -51,3 +51,13 @@ def test_a_planted_violation_breaks_the_contract(copy: Path, module: str, plante
     result = lint(copy)
     assert result.returncode != 0
     assert contract in " ".join(result.stdout.split()), result.stdout[-3000:]
+
+
+def test_a_training_job_imports_no_lightning_before_its_config_is_valid():
+    """scripts/train.py refuses a bad config before Lightning, the analyses or matplotlib are imported (2 s rather
+    than 6): its job module and the Hydra registration stay light."""
+    probe = ("import sys, icar.orchestration.job, icar.orchestration.hydra_config; "
+             "print(sorted(m for m in ('lightning', 'matplotlib', 'pandas', 'optuna', 'wandb') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
