@@ -234,12 +234,15 @@ def test_optuna_workers_as_slurm_jobs_survive_a_cancelled_one(slurm, postgres_ur
     stops, worker 1 fails it as stale and runs its retry, which continues the cancelled run from its checkpoint in its
     folder. The study ends with exactly 3 complete trials, no parameters run twice, and the cancelled trial failed."""
     sweep = tmp_path / "search"
+    # 200 steps: the window between a trial's first checkpoint and its end stays seconds wide on a loaded machine, where
+    # one poll (scontrol, the study) can take a second (at 80 steps a loaded CI run missed every window)
+    STEPS = 200
     study = f"slurm_{tmp_path.name}"[:60]
     worker = " ".join(train_command(
         "-m", *FAST, "eval.gd_steps=1", "eval.analysis=false", "hparams_search=linear_lr",
         f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.n_trials=3",
         "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4", "data.batch_size=64",
-        "trainer.max_steps=80", "trainer.val_check_interval=20", f"hydra.sweep.dir={sweep}"))
+        f"trainer.max_steps={STEPS}", "trainer.val_check_interval=20", f"hydra.sweep.dir={sweep}"))
     array_id = slurm.run("sbatch", "--parsable", "--array=0-1", "-c", "1", f"--chdir={REPO}",
                          f"--output={tmp_path}/worker_%a.log", "--wrap", worker).stdout.strip()
     deadline = time.monotonic() + 400
@@ -258,7 +261,7 @@ def test_optuna_workers_as_slurm_jobs_survive_a_cancelled_one(slurm, postgres_ur
             run_dir = Path(t.user_attrs.get("run_dir", "/nonexistent"))
             if (t.state == TrialState.RUNNING and job0.get("JobState") == "RUNNING"
                     and t.user_attrs.get("slurm_job") == f"{array_id}_0"
-                    and (run_dir / "checkpoints" / "last.ckpt").is_file() and _training_step(run_dir) < 75):
+                    and (run_dir / "checkpoints" / "last.ckpt").is_file() and _training_step(run_dir) < STEPS - 10):
                 slurm.run("scancel", f"{array_id}_0")
                 cancelled = t
                 break
@@ -279,6 +282,6 @@ def test_optuna_workers_as_slurm_jobs_survive_a_cancelled_one(slurm, postgres_ur
     assert retry.user_attrs["run_dir"] == failed.user_attrs["run_dir"]  # continued in the cancelled run's folder
     run_dir = Path(retry.user_attrs["run_dir"])
     assert (run_dir / "resumes" / "1.yaml").is_file()
-    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 80
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == STEPS
     assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL}
 
