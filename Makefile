@@ -14,7 +14,12 @@ SWEEP_SUFFIX = $(call suffix_for,$(or $(SCALE),paper))
 FIG_SUFFIX = $(call suffix_for,$(or $(SCALE),cpu))
 # a figure sweep: its record (aggregate/figure.json) names the make command that produced it
 figure_command = ICAR_COMMAND="make $(1)$(if $(SCALE), SCALE=$(SCALE))$(if $(ARGS), ARGS='$(ARGS)')"
-figure_sweep = $(call figure_command,$(1)) $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(ARGS)
+# RESUME=<sweep folder> (or RESUME=last: the newest of that sweep) continues a sweep in its folder: finished jobs are
+# skipped, interrupted ones resume from their checkpoints, missing ones run (icar/orchestration/resumable.py)
+RESUME ?=
+resume_dir = $(if $(filter last,$(RESUME)),$(or $(lastword $(sort $(wildcard multirun/$(1)/*/))),$(error RESUME=last: no sweep folder below multirun/$(1)/)),$(RESUME))
+resume_arg = $(if $(RESUME),hydra.sweep.dir=$(patsubst %/,%,$(call resume_dir,$(1))))
+figure_sweep = $(call figure_command,$(1)) $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(call resume_arg,$(2)$(FIG_SUFFIX)) $(ARGS)
 # make dashboard: the newest Optuna study below multirun/ unless STORAGE=sqlite:///... or postgresql://... is given
 STORAGE ?= $(shell ls -t multirun/*/optuna.db multirun/*/*/optuna.db 2>/dev/null | head -n 1 | sed 's|^|sqlite:///|')
 PY := $(VENV)/bin/python
@@ -54,16 +59,16 @@ bench-baselines: $(STAMP) ## Time GD step-size tuning and the baselines' evaluat
 	$(PY) scripts/bench_baselines.py $(ARGS)
 
 sweep-depth: $(STAMP) ## MSE vs depth against L GD steps (SCALE=cpu: < 10 min; ARGS="hydra/launcher=gpus")
-	$(PY) scripts/train.py -m --config-dir sweeps --config-name depth$(SWEEP_SUFFIX) $(ARGS)
+	$(PY) scripts/train.py -m --config-dir sweeps --config-name depth$(SWEEP_SUFFIX) $(call resume_arg,sweep_depth$(SWEEP_SUFFIX)) $(ARGS)
 
 sweep-heads: $(STAMP) ## MSE and head orthogonality vs the number of heads (SCALE=cpu | paper)
-	$(PY) scripts/train.py -m --config-dir sweeps --config-name heads$(SWEEP_SUFFIX) $(ARGS)
+	$(PY) scripts/train.py -m --config-dir sweeps --config-name heads$(SWEEP_SUFFIX) $(call resume_arg,sweep_heads$(SWEEP_SUFFIX)) $(ARGS)
 
 sweep-T: $(STAMP) ## MSE vs context length T against one GD step (SCALE=cpu | paper)
-	$(PY) scripts/train.py -m --config-dir sweeps --config-name T$(SWEEP_SUFFIX) $(ARGS)
+	$(PY) scripts/train.py -m --config-dir sweeps --config-name T$(SWEEP_SUFFIX) $(call resume_arg,sweep_T$(SWEEP_SUFFIX)) $(ARGS)
 
 sweep-d: $(STAMP) ## MSE vs dimension d against one GD step (SCALE=cpu | paper)
-	$(PY) scripts/train.py -m --config-dir sweeps --config-name d$(SWEEP_SUFFIX) $(ARGS)
+	$(PY) scripts/train.py -m --config-dir sweeps --config-name d$(SWEEP_SUFFIX) $(call resume_arg,sweep_d$(SWEEP_SUFFIX)) $(ARGS)
 
 prop2: $(STAMP) ## Claim 1: one augmented layer = one GD step (SCALE=cpu (default) | paper)
 	$(call figure_sweep,prop2,prop2)

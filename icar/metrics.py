@@ -97,4 +97,6 @@ SUMMARY_GD_STEPS_MATCHED = "summary/gd_steps_matched"
 # where a run keeps its analysis (read back by claims, reports and the closing block): RUN/analysis/ holds the figures
 # and analysis.json, whose tables are the MSE-by-position curves and GD's tuned step sizes
 ANALYSIS_DIR, ANALYSIS_FILE = "analysis", "analysis.json"
+# a run folder's records: every logged step, the final scalars, the W&B run it continues on resume
+METRICS_FILE, SUMMARY_FILE, WANDB_ID_FILE = "metrics.jsonl", "summary.json", "wandb_id.txt"
 CURVES_TABLE, GD_STEP_SIZES_TABLE = "mse_by_position", "gd_step_sizes"

@@ -4,6 +4,7 @@ throwaway PostgreSQL server and SLURM cluster."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from icar.orchestration.hydra_config import register_configs
+from icar.orchestration.jobs import job_folders
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 REPO = CONF_DIR.parent
@@ -32,6 +34,16 @@ FAST = [
     "data.batch_size=8",
     "data.val_size=16",
 ]
+
+
+def job_folder(sweep: Path, num: int, timeout: float = 0.0) -> Path:
+    """The folder of job `num` of a sweep's latest invocation (named by its config, not its number), waiting up to
+    `timeout` seconds for the job to start."""
+    deadline = time.monotonic() + timeout
+    while (folder := job_folders(sweep).get(num)) is None:
+        assert time.monotonic() < deadline, f"job {num} of {sweep} has no folder"
+        time.sleep(0.2)
+    return folder
 
 
 def compose_train(run_dir: Path, *overrides: str) -> DictConfig:

@@ -18,7 +18,7 @@ import torch
 from optuna.trial import TrialState
 
 from icar.training.loggers import read_metrics
-from tests.conftest import FAST, REPO
+from tests.conftest import FAST, REPO, job_folder
 
 pytestmark = pytest.mark.xdist_group("slurm")  # make test -n: one SLURM cluster, in one worker
 
@@ -197,10 +197,10 @@ def test_a_job_past_its_time_limit_is_requeued_until_it_finishes(slurm, tmp_path
         j["JobId"] for j in slurm.jobs() if (on_slurm / ".submitit" / j["JobId"]).is_dir()]
     job = slurm.wait_ended(job_id)
     assert job["JobState"] == "COMPLETED" and job["TimeLimit"] == "00:01:00" and int(job["Restarts"]) >= 1, job
-    resumes = sorted((on_slurm / "0" / "resumes").glob("*.yaml"))
+    resumes = sorted((job_folder(on_slurm, 0) / "resumes").glob("*.yaml"))
     assert len(resumes) == int(job["Restarts"])  # every attempt after the first resumed a checkpoint
     assert all("interrupted.ckpt" in p.read_text() for p in resumes)  # written at the signal, not the last validation
-    assert_same_run(on_slurm / "0", local / "0")
+    assert_same_run(job_folder(on_slurm, 0), job_folder(local, 0))
     print(f"\ntime limit 1 min: {job['Restarts']} requeues, {time.monotonic() - start:.0f} s in all")
 
 
@@ -222,10 +222,11 @@ def test_ddp_job_gets_its_two_ranks_from_slurm(slurm, tmp_path):
     assert sorted(logs) == [0, 1]  # one log per SLURM task
     for rank, text in logs.items():
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in text
-    assert [p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")] == ["0"]
-    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert len([p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 1
+    job_dir = job_folder(sweep, 0)
+    summary = json.loads((job_dir / "summary.json").read_text())
     assert summary["global_step"] == 4
-    assert summary["val/mse"] == pytest.approx(_single_process_val_mse(sweep / "0/checkpoints/last.ckpt"), rel=1e-6)
+    assert summary["val/mse"] == pytest.approx(_single_process_val_mse(job_dir / "checkpoints/last.ckpt"), rel=1e-6)
 
 
 def test_optuna_workers_as_slurm_jobs_survive_a_cancelled_one(slurm, postgres_url, tmp_path):

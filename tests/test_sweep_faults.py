@@ -13,7 +13,7 @@ import pytest
 
 from icar.orchestration.jobs import Job, jobs_line, run_state, sweep_jobs
 from icar.training.failures import FAILURE_FILE
-from tests.conftest import REPO
+from tests.conftest import REPO, job_folder
 from tests.test_faults import CLI_FAST, train_cli, wait_for_steps
 from tests.test_train import StopAt
 
@@ -48,7 +48,7 @@ def test_a_failed_grid_job_is_named_and_the_sweep_exits_1(tmp_path, capsys):
     expected = f"sweep {sweep}: 1 of 2 jobs finished; job 0 failed: config error: model.n_heads must be >= 1, got 0"
     assert err.strip().splitlines()[-1] == expected
     assert "Traceback" not in err  # the job's failure is its one line
-    assert (sweep / "0" / FAILURE_FILE).read_text().startswith("config error: model.n_heads")
+    assert (job_folder(sweep, 0) / FAILURE_FILE).read_text().startswith("config error: model.n_heads")
 
     status, out = analyze(capsys, sweep)
     assert status == 0
@@ -60,7 +60,7 @@ def test_sigterm_during_a_grid_sweep_says_which_jobs_did_not_run(tmp_path):
     sweep = tmp_path / "sweep"
     proc = train_cli(tmp_path, "-m", *CLI_FAST, "seed=0,1,2", "trainer.max_steps=100000",
                      "trainer.val_check_interval=1000", f"hydra.sweep.dir={sweep}")
-    wait_for_steps(proc, sweep / "0" / "metrics.jsonl")
+    wait_for_steps(proc, job_folder(sweep, 0, timeout=90) / "metrics.jsonl")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM  # it used to exit 0, the other jobs silently never run

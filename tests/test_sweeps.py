@@ -23,7 +23,7 @@ from icar.orchestration.hydra_config import gpu_count, register_configs
 from icar.training.config_io import to_dataclass
 from icar.orchestration.devices import claim_devices
 from icar.training.loggers import read_metrics
-from tests.conftest import CONF_DIR, FAST, REPO
+from tests.conftest import CONF_DIR, FAST, REPO, job_folder
 
 SWEEPS = REPO / "sweeps"
 SWEEP_NAMES = ("depth", "heads", "T", "d")
@@ -118,10 +118,10 @@ def test_joblib_launcher_runs_two_jobs_at_once(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spans = []  # from the run's start (config.yaml written) to its end (summary.json written)
-    for job in ("0", "1"):
-        spans.append(((sweep / job / "config.yaml").stat().st_mtime, (sweep / job / "summary.json").stat().st_mtime))
-        assert json.loads((sweep / job / "summary.json").read_text())["global_step"] == 300
-        assert read_metrics(sweep / job)
+    for job in (job_folder(sweep, 0), job_folder(sweep, 1)):
+        spans.append(((job / "config.yaml").stat().st_mtime, (job / "summary.json").stat().st_mtime))
+        assert json.loads((job / "summary.json").read_text())["global_step"] == 300
+        assert read_metrics(job)
     (start0, end0), (start1, end1) = spans
     assert max(start0, start1) < min(end0, end1), spans  # both were training at the same moment
 

@@ -21,7 +21,7 @@ from icar.training.wandb_mode import wandb_mode
 from icar.objective import squared_error
 from icar.run import run
 from icar.training.module import ICARModule
-from tests.conftest import CONF_DIR, FAST, REPO
+from tests.conftest import CONF_DIR, FAST, REPO, job_folder
 
 
 def to_dataclass_dict(cfg) -> dict:
@@ -233,9 +233,9 @@ def test_multirun_gives_one_wandb_run_per_job(tmp_path):
            *[o for o in FAST if not o.startswith("logger=")], f"hydra.sweep.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ids = {p.name.split("-")[-1] for job in ("0", "1") for p in (tmp_path / job / "wandb").glob("offline-run-*")}
+    ids = {p.name.split("-")[-1] for job in (job_folder(tmp_path, 0), job_folder(tmp_path, 1)) for p in (job / "wandb").glob("offline-run-*")}
     assert len(ids) == 2
-    seeds = [json.loads((tmp_path / job / "summary.json").read_text()) for job in ("0", "1")]
+    seeds = [json.loads((job_folder(tmp_path, n) / "summary.json").read_text()) for n in (0, 1)]
     assert seeds[0]["train/loss"] != seeds[1]["train/loss"]
 
 

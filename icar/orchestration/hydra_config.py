@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from icar.config import DiagonalConfig, Fig4Config, TransformerConfig
+from icar.orchestration.resumable import job_dir
 from icar.training.config_io import schema
 
 
@@ -65,5 +66,6 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("icar_run_dir", run_dir_for, replace=True)
     OmegaConf.register_new_resolver("icar_run_root", run_root_for, replace=True)
     OmegaConf.register_new_resolver("icar_launch_id", launch_id, replace=True)
+    OmegaConf.register_new_resolver("icar_job_dir", job_dir, replace=True)
     OmegaConf.register_new_resolver("icar_gpu_count", gpu_count, replace=True)
     OmegaConf.register_new_resolver("icar_slurm_gpus", slurm_gpus, replace=True)

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from icar.config import ConfigError, TrainConfig, TrainerConfig, n_layers, validate
 from icar.orchestration.closing import closing_block
 from icar.orchestration.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
+from icar.orchestration.resumable import earlier_outcome, swept_keys
 from icar.training.config_io import to_dataclass
 from icar.training.failures import RunFailure, failure_line, record_failure
 from icar.training.memory import check_memory
@@ -53,12 +53,7 @@ def sweep_context() -> tuple[str, dict[str, str]] | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     hydra_cfg = HydraConfig.get()
-    keys = {k.lstrip("+~") for k in (hydra_cfg.sweeper.get("params") or {})}
-    saved = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
-    if saved.is_file():
-        command_line = list(OmegaConf.load(saved).hydra.overrides.task)
-        keys |= {o.get_key_element().lstrip("+~") for o in OverridesParser.create().parse_overrides(command_line)
-                 if o.is_sweep_override()}
+    keys = swept_keys(hydra_cfg)
     swept = {}
     for line in hydra_cfg.overrides.task:
         key, _, value = line.partition("=")
@@ -134,6 +129,13 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     from icar.orchestration.tuning import trial_callbacks
     from icar.run import run
 
+    if multirun:  # a job of a sweep run into its folder before: skip it if it finished, else resume it
+        try:
+            earlier = earlier_outcome(Path(train_cfg.run_dir or output_dir), train_cfg)
+        except ConfigError as err:
+            raise JobFailed(str(err)) from None
+        if earlier is not None:
+            return earlier
     train_cfg = with_sweep_context(train_cfg)
     devices, strategy, held = job_devices(train_cfg.trainer)
     start = time.monotonic()

@@ -79,9 +79,15 @@ def planned_jobs(sweep_dir: Path) -> int | None:
 
 
 def job_folders(sweep_dir: Path) -> dict[int, Path]:
-    """{job number: folder} of the jobs that started (Hydra wrote their .hydra/hydra.yaml)."""
+    """{job number: folder} of the jobs of the sweep's latest invocation that started (Hydra wrote their
+    .hydra/hydra.yaml after it wrote multirun.yaml); a folder left by an earlier invocation of a continued sweep
+    (icar.orchestration.resumable) is not one of its jobs."""
     found = {}
+    saved = Path(sweep_dir) / "multirun.yaml"
+    since = saved.stat().st_mtime if saved.is_file() else 0.0
     for hydra_yaml in Path(sweep_dir).glob("*/.hydra/hydra.yaml"):
+        if hydra_yaml.stat().st_mtime < since:
+            continue
         num = OmegaConf.load(hydra_yaml).hydra.job.get("num")
         if num is not None:
             found[int(num)] = hydra_yaml.parent.parent

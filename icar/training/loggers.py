@@ -22,7 +22,7 @@ from icar.training.wandb_mode import checked_wandb_mode, wandb_mode
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = metrics.METRICS_FILE
 
 
 def _plain(value: Any) -> Any:
@@ -86,7 +86,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: str | Path, run_name: str, config:
         import wandb
 
         mode = checked_wandb_mode(cfg, run_dir) if rank_zero_only.rank == 0 else wandb_mode(cfg)
-        id_file = Path(run_dir) / "wandb_id.txt"  # a resumed run continues the same W&B run
+        id_file = Path(run_dir) / metrics.WANDB_ID_FILE  # a resumed run continues the same W&B run
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         if rank_zero_only.rank == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)

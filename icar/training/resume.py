@@ -11,8 +11,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from icar.config import ConfigError
+from icar.metrics import METRICS_FILE
 from icar.training.config_io import to_dataclass, to_plain_dict
-from icar.training.loggers import METRICS_FILE
 
 # may differ on resume without opt-in: how long and how often, what is logged and shown, where things go
 SAFE_KEYS = (

@@ -208,4 +208,4 @@ def _train(cfg: TrainConfig, run_dir: Path, extra: list[Callback], devices: list
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """summary.json in strict JSON: a non-finite number is null."""
     summary = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in summary.items()}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    (run_dir / names.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
