@@ -19,7 +19,9 @@ figure_command = ICAR_COMMAND="make $(1)$(if $(SCALE), SCALE=$(SCALE))$(if $(ARG
 RESUME ?=
 resume_dir = $(if $(filter last,$(RESUME)),$(or $(lastword $(sort $(wildcard multirun/$(1)/*/))),$(error RESUME=last: no sweep folder below multirun/$(1)/)),$(RESUME))
 resume_arg = $(if $(RESUME),hydra.sweep.dir=$(patsubst %/,%,$(call resume_dir,$(1))))
-figure_sweep = $(call figure_command,$(1)) $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(call resume_arg,$(2)$(FIG_SUFFIX)) $(ARGS)
+# ... and keeps its record under results/<figure>/<scale>/ (committed: make reproduction reads only those)
+figure_sweep = $(call figure_command,$(1)) $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(call resume_arg,$(2)$(FIG_SUFFIX)) $(ARGS) \
+	&& $(PY) scripts/reproduction.py --keep $(or $(call resume_dir,$(2)$(FIG_SUFFIX)),multirun/$(2)$(FIG_SUFFIX))
 # make dashboard: the newest Optuna study below multirun/ unless STORAGE=sqlite:///... or postgresql://... is given
 STORAGE ?= $(shell ls -t multirun/*/optuna.db multirun/*/*/optuna.db 2>/dev/null | head -n 1 | sed 's|^|sqlite:///|')
 PY := $(VENV)/bin/python
@@ -77,7 +79,8 @@ fig3: $(STAMP) ## Figure 3: A, B, B^T A, P of the diagonal model, unitary and ro
 	$(call figure_sweep,fig3,fig3)
 
 fig4: $(STAMP) ## Figure 4: AR(1) fits of real token embeddings vs shuffled (SCALE=paper: every window)
-	$(call figure_command,fig4) $(PY) scripts/fig4.py $(if $(FIG_SUFFIX),,max_windows=0) $(ARGS)
+	$(call figure_command,fig4) $(PY) scripts/fig4.py $(if $(FIG_SUFFIX),,max_windows=0) $(ARGS) \
+	&& $(PY) scripts/reproduction.py --keep runs/fig4
 
 fig5: $(STAMP) ## Figure 5: MSE vs depth against L steps of GD (SCALE=cpu (default) | paper)
 	$(call figure_sweep,fig5,fig5)
@@ -95,7 +98,7 @@ figures: ## Every figure, then REPRODUCTION.md (SCALE=cpu: about 20 min on 2 CPU
 	@# -k: one failing figure does not stop the others; REPRODUCTION.md is written either way, make still fails
 	$(MAKE) -k prop2 fig3 fig4 fig5 fig6 fig7 softmax-vs-linear; status=$$?; $(MAKE) reproduction && exit $$status
 
-reproduction: $(STAMP) ## Regenerate REPRODUCTION.md from the newest figure records
+reproduction: $(STAMP) ## Regenerate REPRODUCTION.md from the committed records (results/), training nothing
 	$(PY) scripts/reproduction.py
 
 dashboard: $(STAMP) ## Open optuna-dashboard on the newest study (or STORAGE=sqlite:///... | postgresql://...)

@@ -106,16 +106,42 @@ def test_reproduction_md_gives_every_recorded_claim_a_verdict(figure_sweeps, tmp
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert all(len(re.split(r"(?<!\\)\|", row)) == 8 for row in rows), rows  # six cells, pipes escaped
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+\. ", line)]  # the headline table
+    assert all(len(re.split(r"(?<!\\)\|", row)) == 6 for row in rows), rows  # four cells, pipes escaped
     assert len(rows) == len(CLAIMS)
     for (_, figure), row in zip(CLAIMS, rows):
+        claim, paper, at_paper, at_cpu = (c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1])
+        assert at_paper == "not run yet"  # these sweeps are CPU-scale
         if figure.draw is None:  # fig4: not part of these sweeps
-            assert "not run yet" in row
+            assert at_cpu == "not run yet"
         else:
-            assert any(f"**{v}**" in row for v in (REPRODUCED, PARTLY, NOT)), row
-            assert "incomplete record" not in row and "make " in row
-    assert text.count("### Claim") == len(CLAIMS) - 1
+            assert at_cpu in (REPRODUCED, PARTLY, NOT), row
+    assert text.count("### Claim") == len(CLAIMS)  # a section per claim, both scales in it
+    assert text.count("| cpu | ") == len(CLAIMS) and "`make fig5 SCALE=paper`" in text
+
+
+def test_a_kept_record_is_self_contained_and_renders_from_results_alone(figure_sweeps, tmp_path):
+    """scripts/reproduction.py --keep copies the newest record below a folder into results/<figure>/<scale>/ with its
+    PNGs, runs table and every run's summary.json and config.yaml; REPRODUCTION.md then needs nothing else."""
+    sweep = figure_sweeps["fig6"]
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "scripts/reproduction.py", "--keep", str(sweep.parent), "--results",
+                           str(results)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = results / "fig6" / "cpu"
+    record = FigureRecord.load(kept / "figure.json")
+    assert record.figures and all((kept / p).is_file() and "/" not in p for p in record.figures)
+    assert record.numbers == FigureRecord.load(sweep / "aggregate" / "figure.json").numbers
+    jobs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
+    assert sorted(p.name for p in (kept / "runs").iterdir()) == jobs and len(jobs) == 2
+    assert all((kept / "runs" / j / "config.yaml").is_file() for j in jobs) and (kept / "runs.csv").is_file()
+    assert not list(kept.rglob("*.ckpt")) and not list(kept.rglob("metrics.jsonl"))
+    out = tmp_path / "REPRODUCTION.md"
+    proc = subprocess.run([sys.executable, "scripts/reproduction.py", "--out", str(out), "--results", str(results)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| 6. "))
+    assert row.rstrip(" |").endswith((REPRODUCED, PARTLY, NOT)) and "not run yet" in row  # cpu verdict, no paper
 
 
 def test_verdict_rules_follow_the_numbers():
@@ -147,7 +173,8 @@ def test_verdict_rules_follow_the_numbers():
     assert fig4_verdict(fig4 | {"fraction_exact_real": 0.99, "fraction_exact_shuffled": 0.9}) == REPRODUCED
     assert fig4_verdict(fig4 | {"fraction_exact_real": 0.9, "fraction_exact_shuffled": 0.95}) == NOT
     # a record missing what its rule needs is reported as such, not as a crash
-    text = render({"fig5": (Path("x/figure.json"), FigureRecord(figure="fig5", numbers={"depths": [1, 2]}))}, Path("."))
+    record = FigureRecord(figure="fig5", numbers={"depths": [1, 2]})
+    text = render({("fig5", Scale.cpu): (Path("x/figure.json"), record)}, Path("."))
     assert "incomplete record" in text
 
 

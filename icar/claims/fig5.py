@@ -38,6 +38,7 @@ class Fig5Numbers:
     T: int
     by_depth: dict[int, DepthNumbers]
     gd: dict[int, dict[str, float]]  # {L: {stat: MSE of L GD steps}}
+    d: int | None = None  # the token dimension (records before it was kept lack it)
 
     @property
     def depths(self) -> list[int]:
@@ -45,6 +46,8 @@ class Fig5Numbers:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"seeds": self.seeds, "steps": self.steps, "T": self.T, "depths": self.depths}
+        if self.d is not None:
+            data["d"] = self.d
         for L in self.depths:
             data |= to_keys(self.by_depth[L], f"L{L}/{{}}")
             data |= {f"L{L}/{metrics.gd(L)}_{stat}": value for stat, value in self.gd[L].items()}
@@ -55,7 +58,8 @@ class Fig5Numbers:
         depths = data["depths"]
         return cls(seeds=data["seeds"], steps=data["steps"], T=data["T"],
                    by_depth={L: from_keys(DepthNumbers, data, f"L{L}/{{}}") for L in depths},
-                   gd={L: {stat: data[f"L{L}/{metrics.gd(L)}_{stat}"] for stat in STATS} for L in depths})
+                   gd={L: {stat: data[f"L{L}/{metrics.gd(L)}_{stat}"] for stat in STATS} for L in depths},
+                   d=data.get("d"))
 
 
 def draw(runs: pd.DataFrame, out: Path) -> tuple[Fig5Numbers, list[Path]]:
@@ -64,7 +68,7 @@ def draw(runs: pd.DataFrame, out: Path) -> tuple[Fig5Numbers, list[Path]]:
     paths = plot_metric_against(runs, "model.n_layers", out / "fig5_mse_last", metrics.VAL_MSE_LAST)
     paths += plot_metric_against(runs, "model.n_layers", out / "fig5_mse_mean", metrics.VAL_MSE)
     n = Fig5Numbers(seeds=int(runs["seed"].nunique()), steps=int(runs["trainer.max_steps"].iloc[0]),
-                    T=int(runs["data.T"].iloc[0]), by_depth={}, gd={})
+                    T=int(runs["data.T"].iloc[0]), by_depth={}, gd={}, d=int(runs["data.d"].iloc[0]))
     for L, group in runs.groupby("model.n_layers"):
         L = int(L)
         values: dict[str, float] = {}
@@ -108,7 +112,23 @@ def judge_fig5(n: Fig5Numbers) -> Verdict:
                          f"{_f(n.by_depth[b].mse_last_min)} to {_f(n.by_depth[b].mse_last_max)}).")
     if verdict != REPRODUCED:
         evidence += _why_not(n, depths, steps)
-    return ours, verdict, evidence
+    return ours, verdict, evidence + "\n\n" + per_coordinate_table(n)
+
+
+def per_coordinate_table(n: Fig5Numbers) -> str:
+    """Markdown: per depth, our MSEs and L tuned GD steps', also as the authors' script prints them (`nn.MSELoss`:
+    the mean over positions and coordinates, i.e. our per-token MSE averaged over positions divided by d)."""
+    d = n.d
+    head = ("| L | ours, last position | GD L steps, last position | ours, mean over positions | GD L steps, mean | "
+            + (f"ours as nn.MSELoss (mean / d, d = {d}) | GD L steps as nn.MSELoss |" if d else
+               "as nn.MSELoss (needs d, which this record lacks) |"))
+    rows = [head, "| " + " | ".join(["---"] * (7 if d else 6)) + " |"]
+    for L in n.depths:
+        ours, gd = n.by_depth[L], n.gd[L]
+        cells = [str(L), _f(ours.mse_last), _f(gd[metrics.MSE_LAST]), _f(ours.mse), _f(gd[metrics.MSE])]
+        cells += [_f(ours.mse / d), _f(gd[metrics.MSE] / d)] if d else ["-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _why_not(n: Fig5Numbers, depths: list[int], steps: list[str]) -> str:
