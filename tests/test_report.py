@@ -71,10 +71,13 @@ def test_wandb_report_is_built_offline(offline):
     assert isinstance(intro, wr.MarkdownBlock) and GROUP in intro.text and "model.n_layers" in intro.text
     assert isinstance(grid, wr.PanelGrid)
     types = [type(p).__name__ for p in grid.panels]
-    assert types == ["ScatterPlot", "ParallelCoordinatesPlot", "LinePlot", "MediaBrowser", "MediaBrowser"]
-    scatter, _, line, analysis, agg = grid.panels
+    assert types == ["ScatterPlot", "ParallelCoordinatesPlot", "LinePlot", "LinePlot", "MediaBrowser", "MediaBrowser"]
+    scatter, _, loss, line, analysis, agg = grid.panels
     assert scatter.x == wr.Config("model.n_layers") and scatter.y == wr.SummaryMetric("val/mse_last")
-    assert line.x == "trainer/global_step" and line.y == ["val/mse"]
+    assert loss.y == ["train/loss"] and line.x == "trainer/global_step"
+    assert line.y == ["val/mse", "val/gd1/mse", "val/ols/mse"]  # GD's and least squares' levels beside the model
+    for curve in (loss, line):  # one line per configuration, the band over seeds
+        assert curve.groupby == wr.Config("model.attention") and curve.groupby_rangefunc == "minmax"
     assert "analysis/head_orthogonality" in analysis.media_keys
     assert agg.media_keys == ["aggregate/val_mse_last_vs_model.n_layers"]
 
@@ -92,7 +95,7 @@ def test_wandb_report_is_built_offline(offline):
     (runset_spec,) = grid_spec["metadata"]["runSets"]
     assert runset_spec["filters"]["filters"] == [
         {"key": {"section": "run", "name": "group"}, "op": "=", "value": GROUP, "disabled": False}]
-    assert len(grid_spec["metadata"]["panelBankSectionConfig"]["panels"]) == 4  # no aggregate figures this time
+    assert len(grid_spec["metadata"]["panelBankSectionConfig"]["panels"]) == 5  # no aggregate figures this time
 
 
 @pytest.mark.parametrize("group", ["lr=0.1,n<3", "it's \"quoted\"", "a\\=b>c", GROUP])
@@ -124,19 +127,31 @@ def test_html_report(tmp_path):
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
 
     header, *rows = _table_rows(page, "summary")
-    assert header[:3] == ["model.attention", "model.n_layers", "seeds"]
-    expected = runs.groupby(swept)["val/mse_last"].mean()
+    assert header == ["configuration", "seeds", "model, last position", "GD, 1 step", "GD, L steps", "least squares"]
+    expected = runs.groupby(swept)["val/mse_last"].agg(["mean", "std"])
     assert len(rows) == len(expected) == 4
-    col = header.index("val/mse_last mean")
-    for row in rows:
-        assert row[2] == "2"
-        assert np.isclose(float(row[col]), expected[(row[0], int(row[1]))], rtol=1e-3)
-    assert "val/gdL/mse_last mean" in header and "val/ols/mse_last std" in header  # gd with as many steps as layers
+    for row in rows:  # "n_layers=2, attention=softmax" (from the swept keys: these runs carry no tags)
+        values = dict(part.split("=") for part in row[0].split(", "))
+        mean, std = (float(x) for x in row[2].split(" ± "))
+        assert row[1] == "2" and np.isclose(mean, expected.loc[(values["attention"], int(values["n_layers"])), "mean"],
+                                            rtol=1e-3)
+        assert np.isclose(std, expected.loc[(values["attention"], int(values["n_layers"])), "std"], rtol=0.05)
     table = summary_table(runs, swept)
     assert list(table.loc[table["model.n_layers"] == 2, "val/gdL/mse_last mean"]) == [0.3, 0.3]
 
     header, *rows = _table_rows(page, "runs")
-    assert len(rows) == 8 and header[-1] == "run_dir" and "val/gd1/mse_last" in header
+    assert len(rows) == 8 and header[-2:] == ["run", "analysis figures"] and "GD, 1 step" in header
+
+
+def test_html_report_links_each_runs_folder_and_analysis_figures(tmp_path):
+    runs = make_runs(run_dir_prefix=str(tmp_path / "sweep"))
+    for run_dir in runs["run_dir"]:
+        (Path(run_dir) / "analysis").mkdir(parents=True)
+        (Path(run_dir) / "analysis" / "mse_by_position.png").write_bytes(b"png")
+    page = write_html_report(tmp_path / "sweep", runs, [], swept_keys(runs), "t").read_text()
+    for run_dir in runs["run_dir"]:
+        name = Path(run_dir).name
+        assert f'href="../{name}/"' in page and f'href="../{name}/analysis/mse_by_position.png"' in page
 
 
 def _start(*args: str) -> subprocess.Popen:
@@ -158,7 +173,7 @@ def test_report_script(tmp_path):
 
     assert full.returncode == 0, err[-3000:]
     assert (sweep / "aggregate" / "report.html").stat().st_size > 0
-    assert f"Metric('Group') == '{GROUP}'" in out and "5 panels" in out
+    assert f"Metric('Group') == '{GROUP}'" in out and "6 panels" in out
     assert "not published (WANDB_MODE=offline)" in out
 
     assert empty.returncode != 0 and "Traceback" not in empty_err

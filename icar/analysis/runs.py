@@ -87,6 +87,21 @@ def swept_keys(runs: pd.DataFrame) -> list[str]:
     return sorted(k for k in keys if not tagged or k in tagged)
 
 
+def configurations(runs: pd.DataFrame) -> pd.Series:
+    """Each run's configuration as a label, 'experiment=augmented_depth, attention=linear': its swept values but the
+    seed, from its tags where it has them (a swept `experiment` is no config column), else from the swept keys;
+    group keys are dropped from the names ('model.attention' -> 'attention')."""
+    keys = [k for k in swept_keys(runs) if k != "seed"]
+
+    def label(run: pd.Series) -> str:
+        swept = {k: v for k, v in swept_values(run.get("logger.tags")).items() if k != "seed"}
+        if not swept:
+            swept = {k: run[k] for k in keys if k in run and pd.notna(run[k])}
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in swept.items()) or "all runs"
+
+    return runs.apply(label, axis=1) if len(runs) else pd.Series(dtype=str)
+
+
 def load_model(run_dir: str | Path) -> torch.nn.Module:
     """The trained model of a run folder, from checkpoints/last.ckpt, on the CPU."""
     module = ICARModule.load_from_checkpoint(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import html
+import math
+import os
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from icar import metrics
+from icar.analysis.runs import configurations
+from icar.analysis.sweep_curves import LEARNING_CURVES, MSE_BY_POSITION
 from icar.metrics import ANALYSIS_DIR
 from icar.orchestration.figures import AGGREGATE_DIR
 
@@ -53,8 +57,10 @@ def analysis_media_keys(runs: pd.DataFrame) -> list[str]:
 def build_wandb_report(runs: pd.DataFrame, figure_names: list[str], swept: list[str], project: str,
                        entity: str | None, group: str, title: str) -> "wr.Report":
     """A W&B Report over the runs of `group`: an intro naming the sweep, then one panel grid holding `val/mse_last`
-    against each numeric swept key, a parallel-coordinates plot of all of them, `val/mse` over training, the
-    runs' analysis images and the aggregate figures (logged as `aggregate/<name>` by a run of the same group).
+    against each numeric swept key, a parallel-coordinates plot of all of them, the learning curves (`train/loss`,
+    and `val/mse` with GD's and least squares' levels) grouped by configuration with the band over seeds, the runs'
+    analysis images and the aggregate figures (logged as `aggregate/<name>` by a run of the same group: the paper's
+    figure, the learning curves and the MSE by position per configuration, as in the HTML report).
 
     Offline: without an entity the report's entity stays empty (wandb-workspaces would ask the server for the
     default one); `publish_wandb_report` fills it in.
@@ -70,7 +76,17 @@ def build_wandb_report(runs: pd.DataFrame, figure_names: list[str], swept: list[
         columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in swept]
         columns.append(wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(METRIC), log=True))
         panels.append(wr.ParallelCoordinatesPlot(title=f"{METRIC} across the swept values", columns=columns))
-    panels.append(wr.LinePlot(title=metrics.VAL_MSE, x=metrics.WANDB_STEP, y=[metrics.VAL_MSE], log_y=True))
+    # learning curves, one line per configuration with the band over seeds (W&B groups by one key: the first swept
+    # key but the seed), the GD levels as lines of their own (logged at every validation, so flat)
+    group_key = next((k for k in swept if k != "seed" and k in runs), None)
+    grouping = dict(groupby=wr.Config(group_key), groupby_aggfunc="mean", groupby_rangefunc="minmax") \
+        if group_key else {}
+    by = f" by {group_key}" if group_key else ""
+    gd_levels = [m for m in (metrics.val(metrics.MSE, metrics.gd(1)), metrics.val(metrics.MSE, metrics.OLS))]
+    panels.append(wr.LinePlot(title=f"{metrics.TRAIN_LOSS}{by}", x=metrics.WANDB_STEP, y=[metrics.TRAIN_LOSS],
+                              log_y=True, **grouping))
+    panels.append(wr.LinePlot(title=f"{metrics.VAL_MSE}{by}, GD 1 step and least squares as references",
+                              x=metrics.WANDB_STEP, y=[metrics.VAL_MSE, *gd_levels], log_y=True, **grouping))
     panels.append(wr.MediaBrowser(title="analysis figures", media_keys=analysis_media_keys(runs), num_columns=2))
     if figure_names:
         panels.append(wr.MediaBrowser(title="sweep aggregate", media_keys=[f"aggregate/{n}" for n in figure_names],
@@ -104,10 +120,16 @@ def publish_wandb_report(report: "wr.Report") -> str:
     return report.url
 
 
+WIDE = 2.5  # a figure this much wider than tall spans the page (the learning curves' two panels)
+
+
 def _png_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    raw = path.read_bytes()
+    data = base64.b64encode(raw).decode("ascii")
     name = html.escape(path.name)
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{name}"><figcaption>{name}</figcaption></figure>'
+    width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")  # the PNG header's IHDR
+    wide = ' class="wide"' if height and width / height > WIDE else ""
+    return f'<figure{wide}><img src="data:image/png;base64,{data}" alt="{name}"><figcaption>{name}</figcaption></figure>'
 
 
 def _with_gd_matched(runs: pd.DataFrame) -> pd.DataFrame:
@@ -119,54 +141,136 @@ def _with_gd_matched(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
-    """One row per swept configuration: the number of seeds, mean and standard deviation over seeds of
-    `val/mse_last` and of the GD / least-squares baselines present."""
-    runs = _with_gd_matched(runs)
-    metrics = [m for m in (METRIC, *BASELINES) if m in runs]
-    keys = [k for k in swept if k in runs]
-    if not keys:
-        runs, keys = runs.assign(configuration="all"), ["configuration"]
-    grouped = runs.groupby(keys, dropna=False)
+    """One row per configuration (its swept values but the seed: `configuration`, and the swept keys that are
+    columns): the number of seeds, mean and standard deviation over seeds of `val/mse_last` and of the GD /
+    least-squares baselines present."""
+    runs = _with_gd_matched(runs.copy()).assign(configuration=configurations(runs).values)
+    metric_names = [m for m in (METRIC, *BASELINES) if m in runs]
+    keys = ["configuration", *[k for k in swept if k in runs and k != "seed"]]
+    grouped = runs.groupby(keys, dropna=False, sort=False)
     table = (grouped["seed"].nunique() if "seed" in runs else grouped.size()).rename("seeds").to_frame()
-    for m in metrics:
+    for m in metric_names:
         table[f"{m} mean"] = grouped[m].mean()
         table[f"{m} std"] = grouped[m].std()
     return table.reset_index()
 
 
+SHORT = {METRIC: "model, last position", metrics.val(metrics.MSE_LAST, metrics.gd(1)): "GD, 1 step", GD_L: "GD, L steps",
+         metrics.val(metrics.MSE_LAST, metrics.OLS): "least squares", metrics.VAL_MSE: "model, mean over positions"}
+
+
+def _fmt(x: object) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _cell(value: object, cls: str = "") -> str:
+    return f'<td class="{cls}">{html.escape(_fmt(value))}</td>' if cls else f"<td>{html.escape(_fmt(value))}</td>"
+
+
+def _summary_html(runs: pd.DataFrame, swept: list[str]) -> str:
+    """The per-configuration table, narrow: one `mean ± std` cell per metric, short headers."""
+    table = summary_table(runs, swept)
+    metric_names = [m for m in (METRIC, *BASELINES) if f"{m} mean" in table]
+    head = "".join(f'<th title="{html.escape(m)}, mean ± std over seeds">{html.escape(SHORT.get(m, m))}</th>'
+                   for m in metric_names)
+    rows = []
+    for _, row in table.iterrows():
+        cells = [_cell(row["configuration"], "key"), _cell(int(row["seeds"]))]
+        for m in metric_names:
+            mean, std = row[f"{m} mean"], row[f"{m} std"]
+            text = _fmt(mean) if pd.isna(std) else f"{_fmt(mean)} ± {std:.2g}"
+            cells.append(f"<td>{html.escape(text)}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return (f'<table id="summary"><caption>validation MSE at the last position, mean ± std over seeds</caption>'
+            f"<thead><tr><th>configuration</th><th>seeds</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _run_links(run_dir: object, out: Path) -> tuple[str, str]:
+    """(a link to the run's folder, links to its analysis figures), relative to the report's folder."""
+    if not isinstance(run_dir, str) or not run_dir:
+        return "-", "-"
+    folder = Path(run_dir)
+    rel = os.path.relpath(folder, out) if folder.is_absolute() else os.path.relpath(folder.absolute(), out.absolute())
+    name = html.escape(folder.name)
+    link = f'<a href="{html.escape(rel)}/">{name}</a>'
+    pngs = sorted((folder / ANALYSIS_DIR).glob("*.png")) if folder.is_dir() else []
+    figures = " ".join(f'<a href="{html.escape(rel)}/{ANALYSIS_DIR}/{html.escape(p.name)}">{html.escape(p.stem)}</a>'
+                       for p in pngs)
+    return link, figures or "-"
+
+
+def _runs_html(runs: pd.DataFrame, swept: list[str], out: Path) -> str:
+    """One row per run: its configuration and seed, the headline numbers, its folder and its analysis figures."""
+    runs = runs.copy().assign(configuration=configurations(runs).values)
+    metric_names = [m for m in RUN_METRICS if m in runs]
+    order = [c for c in ("configuration", "seed") if c in runs]
+    runs = runs.sort_values(order, key=lambda c: c.map(str) if c.name == "configuration" else c) if order else runs
+    head = "".join(f'<th title="{html.escape(m)}">{html.escape(SHORT.get(m, m))}</th>' for m in metric_names)
+    rows = []
+    for _, run in runs.iterrows():
+        link, figures = _run_links(run.get("run_dir"), out)
+        cells = [_cell(run["configuration"], "key"), _cell(run.get("seed", "-"))]
+        cells += [_cell(run.get(m)) for m in metric_names]
+        cells += [_cell(run.get(metrics.GLOBAL_STEP)), f'<td class="key">{link}</td>', f'<td class="key">{figures}</td>']
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return (f'<table id="runs"><thead><tr><th>configuration</th><th>seed</th>{head}<th>steps</th><th>run</th>'
+            f"<th>analysis figures</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _section(title: str, paths: list[Path], note: str = "") -> str:
+    if not paths:
+        return ""
+    return f"<h2>{html.escape(title)}</h2>{note}<div class=\"figures\">{''.join(_png_tag(p) for p in paths)}</div>"
+
+
 def write_html_report(sweep_dir: Path, runs: pd.DataFrame, figures: list[Path], swept: list[str], title: str) -> Path:
-    """Write SWEEP/aggregate/report.html: the figures, the per-configuration summary and the per-run table.
+    """Write SWEEP/aggregate/report.html: the paper's figure, how the runs trained (learning curves, MSE by
+    position per configuration), the figures against the swept values, the per-configuration summary and the
+    per-run table with links to each run's folder and analysis figures.
 
     The PNGs are embedded as base64 data URIs rather than linked, so the page is one file that still shows its
-    figures when copied, mailed or uploaded alone (a sweep's figures are a few small PNGs). No external CSS or JS.
+    figures when copied, mailed or uploaded alone; the runs' own analysis figures are linked (relative paths, valid
+    inside the sweep folder). No external CSS or JS.
     """
     out = Path(sweep_dir) / AGGREGATE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    fmt = "{:.4g}".format
-    columns = [c for c in (*swept, "seed", *RUN_METRICS, "run_dir") if c in runs]
-    sort = [c for c in (*swept, "seed") if c in runs]
-    per_run = runs[columns].sort_values(sort) if sort else runs[columns]
-    summary = summary_table(runs, swept).to_html(index=False, float_format=fmt, na_rep="-", border=0,
-                                                 table_id="summary")
-    runs_html = per_run.to_html(index=False, float_format=fmt, na_rep="-", border=0, table_id="runs")
+    training = {f"{n}.png" for n in (LEARNING_CURVES, MSE_BY_POSITION)}
+    trained = [p for p in figures if p.name in training]
+    against = [p for p in figures if p.name not in training and "_vs_" in p.stem]
+    paper = [p for p in figures if p not in trained and p not in against]
     swept_text = ", ".join(swept) or "none"
+    seeds = runs["seed"].nunique() if "seed" in runs else 1
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
 <style>
-body {{ font-family: sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; font-size: 0.85em; margin-bottom: 2em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }}
-figure {{ display: inline-block; margin: 0 1em 1em 0; }}
-img {{ max-width: 640px; }}
+body {{ font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }}
+.figures {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; flex: 1 1 460px; max-width: 580px; }}
+figure.wide {{ flex-basis: 100%; max-width: 100%; }}
+img {{ max-width: 100%; height: auto; }}
+figcaption {{ font-size: 0.8em; color: #666; }}
+.scroll {{ overflow-x: auto; }}
+table {{ border-collapse: collapse; font-size: 0.85em; margin-bottom: 1.5em; }}
+caption {{ text-align: left; color: #666; padding-bottom: 0.3em; }}
+th, td {{ border-bottom: 1px solid #e3e3e3; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }}
+th {{ background: #f5f5f5; position: sticky; top: 0; }}
+td.key, th:first-child {{ text-align: left; white-space: normal; }}
+tbody tr:hover {{ background: #fafafa; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>Sweep <code>{html.escape(str(sweep_dir))}</code>: {len(runs)} runs; swept keys: {html.escape(swept_text)}.</p>
-<h2>Figures</h2>
-{"".join(_png_tag(p) for p in figures) or "<p>No figures.</p>"}
-<h2>Summary (mean and standard deviation over seeds)</h2>
-{summary}
+<p>Sweep <code>{html.escape(str(sweep_dir))}</code>: {len(runs)} runs, {seeds} seed(s) per configuration; swept keys:
+{html.escape(swept_text)}.</p>
+{_section("The paper's figure", paper)}
+{_section("How the runs trained", trained, "<p>One line per configuration: the mean over seeds, the band from the "
+          "lowest to the highest seed; dashed, in the same colour, GD with as many steps as the model has layers.</p>")}
+{_section("Against the swept values", against)}
+{"" if figures else "<p>No figures.</p>"}
+<h2>Summary by configuration</h2>
+<div class="scroll">{_summary_html(runs, swept)}</div>
 <h2>Runs</h2>
-{runs_html}
+<div class="scroll">{_runs_html(runs, swept, out)}</div>
 </body></html>
 """
     path = out / REPORT_FILE

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from icar import metrics
 from icar.analysis.plots import plot_metric_against
 from icar.analysis.runs import first_value, load_runs, swept_keys
+from icar.analysis.sweep_curves import LEARNING_CURVES, MSE_BY_POSITION, plot_learning_curves, plot_mse_by_position
 from icar.config import LoggerConfig, LoggerKind, WandbMode
 from icar.orchestration.figures import AGGREGATE_DIR, make_figure
 from icar.orchestration.job import sweep_group
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def aggregate(sweep_dir: Path, metric: str = metrics.VAL_MSE_LAST) -> dict[str, list[Path]]:
-    """Write SWEEP/aggregate/runs.csv and one figure per swept key; return {name: paths}."""
+    """Write SWEEP/aggregate/runs.csv, one figure per swept key, the learning curves and the MSE by position per
+    configuration; return {name: paths}."""
     runs = load_runs(sweep_dir)
     out = Path(sweep_dir) / AGGREGATE_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -39,6 +41,10 @@ def aggregate(sweep_dir: Path, metric: str = metrics.VAL_MSE_LAST) -> dict[str, 
             continue
         name = f"{metric.replace('/', '_')}_vs_{key}"
         figures[name] = plot_metric_against(runs, key, out / name, metric, hue)
+    for name, plot in ((LEARNING_CURVES, plot_learning_curves), (MSE_BY_POSITION, plot_mse_by_position)):
+        drawn = plot(runs, out / name)  # how the runs trained: one line per configuration, seeds as a band
+        if drawn:
+            figures[name] = drawn
     if "model.n_heads" in keys:  # head orthogonality (docs/PAPER_NOTES.md §3.5) against the number of heads
         for column in sorted(c for c in runs.columns if c.startswith(metrics.analysis(metrics.HEADS)) and c.endswith("_offdiag")):
             if runs[column].notna().any():
