@@ -137,3 +137,18 @@ def test_a_folder_of_another_config_is_refused_not_overwritten(tmp_path, make_cf
     recorded["trainer"]["enable_progress_bar"] = not recorded["trainer"]["enable_progress_bar"]
     OmegaConf.save(OmegaConf.create(recorded), tmp_path / "config.yaml")
     assert earlier_outcome(tmp_path, cfg) is None and cfg.ckpt_path is None  # same experiment, nothing to resume
+
+
+def test_make_resume_continues_the_named_sweep_folder_and_keeps_its_record():
+    def dry_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60, env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")})
+
+    proc = dry_run("fig5", "SCALE=paper", "RESUME=/data/multirun/fig5/2026-12-05_10-00-00/")
+    assert proc.returncode == 0, proc.stderr
+    assert "--config-name fig5 hydra.sweep.dir=/data/multirun/fig5/2026-12-05_10-00-00 " in proc.stdout
+    assert "reproduction.py --keep /data/multirun/fig5/2026-12-05_10-00-00/" in proc.stdout  # its record, not another
+    if (REPO / "multirun" / "sweep_d_quick").exists():
+        return  # this checkout has run that sweep: RESUME=last would find it
+    missing = dry_run("sweep-d", "SCALE=cpu", "RESUME=last", "VENV=/nonexistent-venv")
+    assert missing.returncode != 0 and "RESUME=last: no sweep folder below multirun/sweep_d_quick/" in missing.stderr
