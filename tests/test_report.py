@@ -178,3 +178,32 @@ def test_report_script(tmp_path):
 
     assert empty.returncode != 0 and "Traceback" not in empty_err
     assert len(empty_err.strip().splitlines()) == 1 and "no run folders" in empty_err
+
+
+def test_curve_frames_read_each_runs_record_and_pick_the_gd_level_of_its_loss(tmp_path):
+    """Learning curves and MSE by position per configuration come from metrics.jsonl; the dashed GD level is GD with
+    as many steps as layers, at the last position for a training loss on the last position (Proposition 2)."""
+    import json
+
+    from icar.analysis.sweep_curves import curve_frames, plot_learning_curves, plot_mse_by_position
+
+    rows = []
+    for n_layers in (1, 2):
+        for seed in (0, 1):
+            run_dir = tmp_path / f"L{n_layers}_s{seed}"
+            run_dir.mkdir()
+            records = [{"step": s, "train/loss": 1.0 / (s + 1) + seed} for s in range(5)]
+            records.append({"step": 4, "val/mse": 0.5, "val/mse_by_pos": [1.0, 0.5, 0.25],
+                            f"val/gd{n_layers}/mse_by_pos": [1.0, 0.6, 0.4], "val/gd1/mse_by_pos": [9, 9, 9]})
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            rows.append({"model.n_layers": n_layers, "seed": seed, "loss_on": "last", "run_dir": str(run_dir),
+                         f"val/gd{n_layers}/mse": 0.3 * n_layers + seed, f"val/gd{n_layers}/mse_last": 0.1 * n_layers})
+    runs = pd.DataFrame(rows)
+    curves, by_position, levels = curve_frames(runs)
+    assert set(curves["configuration"]) == {"n_layers=1", "n_layers=2"} and len(curves) == 4 * 6
+    assert levels["n_layers=2"] == {"val/mse": pytest.approx(1.1), "train/loss": pytest.approx(0.2)}
+    gd = by_position[(by_position["configuration"] == "n_layers=2") & (by_position["curve"] == "GD")]
+    assert list(gd.groupby("position")["value"].mean()) == [1.0, 0.6, 0.4]  # gd2's curve, not gd1's
+    assert [p.suffix for p in plot_learning_curves(runs, tmp_path / "lc")] == [".png", ".pdf"]
+    assert [p.suffix for p in plot_mse_by_position(runs, tmp_path / "bp")] == [".png", ".pdf"]
+    assert plot_learning_curves(runs.assign(run_dir="/nonexistent"), tmp_path / "none") == []  # no records: none

@@ -93,6 +93,8 @@ def test_a_killed_sweep_rerun_runs_only_what_was_missing_and_aggregates_the_same
     assert len(resumes) == 1 and OmegaConf.load(resumes[0]).step in (50, 100, 150, 200, 250)
     assert json.loads((job_folder(sweep, 2) / "summary.json").read_text())["global_step"] == 300
     assert (sweep / "invocations" / "1.yaml").is_file()  # the first command's multirun.yaml is kept
+    for figure in ("learning_curves.png", "mse_by_position_by_configuration.png", "report.html"):
+        assert (sweep / "aggregate" / figure).stat().st_size > 0
 
     # the same three folders as the uninterrupted sweep, and the same aggregate and figure numbers
     assert sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir()) == \

@@ -58,8 +58,11 @@ def curve_frames(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[s
             values = last.get(name) if last and name else None
             if isinstance(values, list):
                 by_position += [(label, seed, i + 1, curve, v) for i, v in enumerate(values)]
-        if gd_name is not None:
-            levels.setdefault(label, {}).setdefault(metrics.VAL_MSE, []).append(float(run[gd_name]))
+        # the training loss is on the last position alone for `loss_on: last` (Proposition 2's protocol)
+        gd_train = gd_reference(run, metrics.MSE_LAST, run) if run.get("loss_on") == "last" else gd_name
+        for curve, name in ((metrics.VAL_MSE, gd_name), (metrics.TRAIN_LOSS, gd_train)):
+            if name is not None:
+                levels.setdefault(label, {}).setdefault(curve, []).append(float(run[name]))
     levels = {label: {m: float(np.mean(v)) for m, v in by_metric.items()} for label, by_metric in levels.items()}
     columns = ["configuration", "seed"]
     return (pd.DataFrame(curves, columns=[*columns, "step", "metric", "value"]),
@@ -78,8 +81,8 @@ def _shown(labels: list[str]) -> tuple[list[str], str]:
 
 def plot_learning_curves(runs: pd.DataFrame, path_stem: Path) -> list[Path]:
     """`train/loss` and `val/mse` against the step: per configuration the mean over seeds and the band from the
-    lowest to the highest seed; its GD level (as many steps as layers, on the validation set) dashed. [] when the
-    runs logged no curves."""
+    lowest to the highest seed; its GD level (as many steps as layers, on the validation set, at the last position
+    for a loss on the last position only) dashed. [] when the runs logged no curves."""
     curves, _, levels = curve_frames(runs)
     if curves.empty:
         return []
@@ -93,7 +96,7 @@ def plot_learning_curves(runs: pd.DataFrame, path_stem: Path) -> list[Path]:
             sns.lineplot(data=data, x="step", y="value", hue="configuration", hue_order=labels, palette=colours,
                          errorbar=("pi", 100), estimator="mean", ax=ax, linewidth=1.2)
         for label in labels:
-            level = levels.get(label, {}).get(metrics.VAL_MSE)
+            level = levels.get(label, {}).get(name)
             if level is not None:
                 ax.axhline(max(level, LOG_FLOOR), color=colours[label], linestyle="--", linewidth=0.9, alpha=0.8)
         ax.set_yscale("log")
