@@ -154,3 +154,55 @@ def test_make_resume_continues_the_named_sweep_folder_and_keeps_its_record():
         return  # this checkout has run that sweep: RESUME=last would find it
     missing = dry_run("sweep-d", "SCALE=cpu", "RESUME=last", "VENV=/nonexistent-venv")
     assert missing.returncode != 0 and "RESUME=last: no sweep folder below multirun/sweep_d_quick/" in missing.stderr
+
+
+def test_a_diverged_job_fails_again_without_training(tmp_path, make_cfg):
+    from icar.orchestration.resumable import EarlierFailure
+
+    cfg = to_dataclass(make_cfg())
+    OmegaConf.save(OmegaConf.create(to_plain_dict(cfg)), tmp_path / "config.yaml")
+    (tmp_path / "summary.json").write_text(json.dumps({"diverged": True, "diverged_step": 7, "global_step": 7}))
+    (tmp_path / "failure.txt").write_text("diverged at step 7: train/loss = nan\n")
+    with pytest.raises(EarlierFailure, match="failed earlier: diverged at step 7"):
+        earlier_outcome(tmp_path, cfg)
+
+
+def test_wall_time_adds_up_the_invocations_not_the_gaps_between_them(tmp_path):
+    from icar.orchestration.figures import sweep_wall_time
+
+    def touch(path: Path, t: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        os.utime(path, (t, t))
+
+    t0 = 1_800_000_000.0
+    touch(tmp_path / "invocations" / "1.yaml", t0)  # the first invocation: two jobs, then killed
+    touch(tmp_path / "a" / "summary.json", t0 + 10)
+    touch(tmp_path / "b" / "summary.json", t0 + 20)
+    touch(tmp_path / "multirun.yaml", t0 + 3600)  # resumed an hour later: one more job
+    touch(tmp_path / "c" / "summary.json", t0 + 3630)
+    assert sweep_wall_time(tmp_path) == pytest.approx(20 + 30)
+
+
+def test_a_record_with_figure_paths_relative_to_the_make_folder_keeps_its_pngs(tmp_path, monkeypatch):
+    from icar.claims.record import FigureRecord
+    from icar.orchestration.results import keep_record
+
+    monkeypatch.chdir(tmp_path)  # figure targets run from the checkout: make_figure records paths relative to it
+    aggregate = Path("multirun/fig6_quick/t0/aggregate")
+    aggregate.mkdir(parents=True)
+    (aggregate / "fig6.png").write_bytes(b"png")
+    FigureRecord(figure="fig6", numbers={}, figures=[str(aggregate / "fig6.png"), str(aggregate / "fig6.pdf")],
+                 scale="cpu").save(aggregate)
+    kept = keep_record(aggregate / "figure.json", tmp_path / "results")
+    assert (kept / "fig6.png").read_bytes() == b"png" and FigureRecord.load(kept / "figure.json").figures == ["fig6.png"]
+    (aggregate / "fig6.png").unlink()
+    with pytest.raises(FileNotFoundError, match="fig6.png"):  # a listed figure that is gone is said, not dropped
+        keep_record(aggregate / "figure.json", tmp_path / "results")
+
+
+def test_the_results_folder_is_committed_whole():
+    """.gitignore ignores the checkout's run folders, not the runs/ kept under results/."""
+    proc = subprocess.run(["git", "check-ignore", "-q", "results/fig5/paper/runs/x/summary.json"], cwd=REPO)
+    assert proc.returncode == 1  # not ignored
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/x/summary.json"], cwd=REPO).returncode == 0

@@ -126,7 +126,7 @@ def per_coordinate_table(n: Fig5Numbers) -> str:
     for L in n.depths:
         ours, gd = n.by_depth[L], n.gd[L]
         cells = [str(L), _f(ours.mse_last), _f(gd[metrics.MSE_LAST]), _f(ours.mse), _f(gd[metrics.MSE])]
-        cells += [_f(ours.mse / d), _f(gd[metrics.MSE] / d)] if d else ["-"]
+        cells += [_f(None if v is None else v / d) for v in (ours.mse, gd[metrics.MSE])] if d else ["-"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

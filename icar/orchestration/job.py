@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from icar.config import ConfigError, TrainConfig, TrainerConfig, n_layers, validate
 from icar.orchestration.closing import closing_block
 from icar.orchestration.devices import claim_devices, parallel_sweep_lock_dir, sweep_launcher
-from icar.orchestration.resumable import earlier_outcome, swept_keys
+from icar.orchestration.resumable import EarlierFailure, earlier_outcome, swept_keys
 from icar.training.config_io import to_dataclass
 from icar.training.failures import RunFailure, failure_line, record_failure
 from icar.training.memory import check_memory
@@ -116,6 +116,13 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     try:
         train_cfg = to_dataclass(cfg)
         validate(train_cfg)
+        if multirun:  # a job of a sweep run into its folder before: skip it if it ended, else resume it
+            try:
+                earlier = earlier_outcome(Path(train_cfg.run_dir or output_dir), train_cfg)
+            except (EarlierFailure, ConfigError) as err:  # the folder is left exactly as it was
+                raise JobFailed(str(err)) from None
+            if earlier is not None:
+                return earlier
         check_memory(train_cfg, device_claimed=parallel_sweep_lock_dir() is not None)
     except ConfigError as err:
         if multirun:  # one failed job (an Optuna sweep records the trial as failed and goes on), not the whole sweep
@@ -129,13 +136,6 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     from icar.orchestration.tuning import trial_callbacks
     from icar.run import run
 
-    if multirun:  # a job of a sweep run into its folder before: skip it if it finished, else resume it
-        try:
-            earlier = earlier_outcome(Path(train_cfg.run_dir or output_dir), train_cfg)
-        except ConfigError as err:
-            raise JobFailed(str(err)) from None
-        if earlier is not None:
-            return earlier
     train_cfg = with_sweep_context(train_cfg)
     devices, strategy, held = job_devices(train_cfg.trainer)
     start = time.monotonic()

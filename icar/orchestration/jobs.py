@@ -20,6 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from icar.orchestration.resumable import INVOCATIONS_DIR
 from icar.training.failures import FAILURE_FILE
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -84,7 +85,8 @@ def job_folders(sweep_dir: Path) -> dict[int, Path]:
     (icar.orchestration.resumable) is not one of its jobs."""
     found = {}
     saved = Path(sweep_dir) / "multirun.yaml"
-    since = saved.stat().st_mtime if saved.is_file() else 0.0
+    continued = (Path(sweep_dir) / INVOCATIONS_DIR).is_dir()  # only then can a folder be of an earlier invocation
+    since = saved.stat().st_mtime if saved.is_file() and continued else 0.0
     for hydra_yaml in Path(sweep_dir).glob("*/.hydra/hydra.yaml"):
         if hydra_yaml.stat().st_mtime < since:
             continue

@@ -38,11 +38,13 @@ def keep_record(record_path: Path, results: Path) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     kept = []
-    for figure in map(Path, record.figures):
-        source = figure if figure.is_absolute() else record_path.parent / figure
-        if figure.suffix == ".png" and source.is_file():
-            shutil.copy2(source, out / figure.name)
-            kept.append(figure.name)
+    for figure in (Path(f) for f in record.figures if str(f).endswith(".png")):
+        # as recorded (absolute, or relative to where the figure target ran), else beside the record
+        source = next((p for p in (figure, record_path.parent / figure.name) if p.is_file()), None)
+        if source is None:
+            raise FileNotFoundError(f"{record_path} lists {figure}, which is neither there nor beside the record")
+        shutil.copy2(source, out / figure.name)
+        kept.append(figure.name)
     for table in TABLES:
         if (record_path.parent / table).is_file():
             shutil.copy2(record_path.parent / table, out / table)

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from icar.config import ConfigError, TrainConfig
 from icar.training.config_io import to_plain_dict
 from icar.metrics import METRICS_FILE, SUMMARY_FILE, WANDB_ID_FILE
+from icar.training.failures import FAILURE_FILE
 from icar.training.resume import config_diff, is_safe, newest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,15 @@ def job_dir(*, _root_: DictConfig) -> str:
     return f"{values}-{digest}" if values else digest
 
 
+class EarlierFailure(Exception):
+    """A job whose earlier attempt ended failed (it diverged): the sweep records it as failed again."""
+
+
 def earlier_outcome(run_dir: Path, cfg: TrainConfig) -> dict[str, float] | None:
     """For a sweep job whose folder holds an earlier attempt: its recorded metrics when it finished (the job is then
     skipped); None when it must train, with `cfg.ckpt_path` set to its newest checkpoint when it has one. An attempt
     that left no checkpoint starts over: its partial metrics and W&B id are cleared. ConfigError when the folder
-    holds a run of another config (never overwritten)."""
+    holds a run of another config (never overwritten); EarlierFailure when the earlier attempt diverged."""
     if cfg.ckpt_path or not (run_dir / "config.yaml").is_file():
         return None
     recorded = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
@@ -98,6 +103,10 @@ def earlier_outcome(run_dir: Path, cfg: TrainConfig) -> dict[str, float] | None:
     summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         recorded_metrics = json.loads(summary.read_text())
+        if recorded_metrics.get("diverged"):  # ended, but failed: fails again without training again
+            failure = run_dir / FAILURE_FILE
+            line = failure.read_text().strip() if failure.is_file() else "diverged"
+            raise EarlierFailure(f"{run_dir.name} failed earlier: {line}")
         log.info(f"{run_dir.name}: finished earlier, skipped")
         return {k: float(v) for k, v in recorded_metrics.items() if isinstance(v, (int, float))}
     ckpt = newest_checkpoint(run_dir)
