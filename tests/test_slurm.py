@@ -17,6 +17,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from icar.orchestration.jobs import job_folders
 from icar.training.loggers import read_metrics
 from tests.conftest import FAST, REPO, job_folder
 
@@ -128,7 +129,8 @@ def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
         while len(sent) < 2:  # interrupt each job once it is training beyond its first validation (step 40)
             assert sweeper.poll() is None and time.monotonic() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
             for i, job in array_tasks(slurm, on_slurm).items():
-                step = _training_step(on_slurm / str(i))
+                folder = job_folders(on_slurm).get(i)  # named by its config; none until the job starts
+                step = _training_step(folder) if folder is not None else -1
                 if i not in sent and job["JobState"] == "RUNNING" and 50 <= step < 180:
                     slurm.run(*signals[i], f"{job['ArrayJobId']}_{i}")
                     sent[i] = step
@@ -146,13 +148,13 @@ def test_requeued_jobs_resume_bit_identically(slurm, tmp_path):
 
     tasks = {i: slurm.wait_ended(f"{t['ArrayJobId']}_{i}") for i, t in array_tasks(slurm, on_slurm).items()}
     for i in (0, 1):
-        run_dir = on_slurm / str(i)
+        run_dir = job_folder(on_slurm, i)
         assert tasks[i]["JobState"] == "COMPLETED" and tasks[i]["Restarts"] == "1", tasks[i]
         resume = (run_dir / "resumes" / "1.yaml").read_text()
         assert "interrupted.ckpt" in resume and not (run_dir / "resumes" / "2.yaml").exists()
         stopped_at = int(resume.split("step: ")[1].split()[0])
         assert sent[i] <= stopped_at < 200  # stopped at a step boundary after the signal, mid-training
-        assert_same_run(run_dir, local / str(i))
+        assert_same_run(run_dir, job_folder(local, i))
         run_id = (run_dir / "wandb_id.txt").read_text().strip()  # one W&B run, written by both attempts
         assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
     # USR2 alone requeues nothing in SLURM: job 1 came back because submitit requeued it after the checkpoint

@@ -90,7 +90,10 @@ def job_folders(sweep_dir: Path) -> dict[int, Path]:
     for hydra_yaml in Path(sweep_dir).glob("*/.hydra/hydra.yaml"):
         if hydra_yaml.stat().st_mtime < since:
             continue
-        num = OmegaConf.load(hydra_yaml).hydra.job.get("num")
+        try:
+            num = OmegaConf.load(hydra_yaml).hydra.job.get("num")
+        except Exception:  # being written by a job that is starting (read while the sweep runs): not started yet
+            continue
         if num is not None:
             found[int(num)] = hydra_yaml.parent.parent
     return found
