@@ -86,7 +86,7 @@ def plot_learning_curves(runs: pd.DataFrame, path_stem: Path) -> list[Path]:
     curves, _, levels = curve_frames(runs)
     if curves.empty:
         return []
-    labels, note = _shown(sorted(curves["configuration"].unique(), key=_natural))
+    labels, note = _shown(sorted(curves["configuration"].unique(), key=natural_order))
     colours = _palette(labels)
     fig, axes = plt.subplots(1, len(CURVES), figsize=(6.2 * len(CURVES), 4.2), squeeze=False)
     for ax, name in zip(axes[0], CURVES):
@@ -119,9 +119,9 @@ def plot_mse_by_position(runs: pd.DataFrame, path_stem: Path) -> list[Path]:
     _, by_position, _ = curve_frames(runs)
     if by_position.empty:
         return []
-    labels, note = _shown(sorted(by_position["configuration"].unique(), key=_natural))
+    labels, note = _shown(sorted(by_position["configuration"].unique(), key=natural_order))
     colours = _palette(labels)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     data = by_position[by_position["configuration"].isin(labels)]
     data = data.assign(value=data["value"].clip(lower=LOG_FLOOR))
     for curve, style in (("model", "-"), ("GD", "--")):
@@ -140,7 +140,7 @@ def plot_mse_by_position(runs: pd.DataFrame, path_stem: Path) -> list[Path]:
     return save_figure(fig, path_stem)
 
 
-def _natural(label: str) -> tuple:
+def natural_order(label: str) -> tuple:
     """Sort 'n_layers=10' after 'n_layers=9'."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in
                  "".join(c if c.isdigit() else f" {c} " for c in label).split())

@@ -18,7 +18,7 @@ import pandas as pd
 
 from icar import metrics
 from icar.analysis.runs import configurations
-from icar.analysis.sweep_curves import LEARNING_CURVES, MSE_BY_POSITION
+from icar.analysis.sweep_curves import LEARNING_CURVES, MSE_BY_POSITION, natural_order
 from icar.metrics import ANALYSIS_DIR
 from icar.orchestration.figures import AGGREGATE_DIR
 
@@ -120,7 +120,7 @@ def publish_wandb_report(report: "wr.Report") -> str:
     return report.url
 
 
-WIDE = 2.5  # a figure this much wider than tall spans the page (the learning curves' two panels)
+WIDE_PX = 1900  # a figure at least this wide (pixels at 150 dpi) spans the page: several panels side by side
 
 
 def _png_tag(path: Path) -> str:
@@ -128,7 +128,7 @@ def _png_tag(path: Path) -> str:
     data = base64.b64encode(raw).decode("ascii")
     name = html.escape(path.name)
     width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")  # the PNG header's IHDR
-    wide = ' class="wide"' if height and width / height > WIDE else ""
+    wide = ' class="wide"' if width >= WIDE_PX else ""
     return f'<figure{wide}><img src="data:image/png;base64,{data}" alt="{name}"><figcaption>{name}</figcaption></figure>'
 
 
@@ -147,6 +147,7 @@ def summary_table(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
     runs = _with_gd_matched(runs.copy()).assign(configuration=configurations(runs).values)
     metric_names = [m for m in (METRIC, *BASELINES) if m in runs]
     keys = ["configuration", *[k for k in swept if k in runs and k != "seed"]]
+    runs = runs.iloc[sorted(range(len(runs)), key=lambda i: natural_order(runs["configuration"].iloc[i]))]
     grouped = runs.groupby(keys, dropna=False, sort=False)
     table = (grouped["seed"].nunique() if "seed" in runs else grouped.size()).rename("seeds").to_frame()
     for m in metric_names:
@@ -204,14 +205,16 @@ def _runs_html(runs: pd.DataFrame, swept: list[str], out: Path) -> str:
     runs = runs.copy().assign(configuration=configurations(runs).values)
     metric_names = [m for m in RUN_METRICS if m in runs]
     order = [c for c in ("configuration", "seed") if c in runs]
-    runs = runs.sort_values(order, key=lambda c: c.map(str) if c.name == "configuration" else c) if order else runs
+    runs = runs.sort_values(order, key=lambda c: c.map(natural_order) if c.name == "configuration" else c)
     head = "".join(f'<th title="{html.escape(m)}">{html.escape(SHORT.get(m, m))}</th>' for m in metric_names)
     rows = []
     for _, run in runs.iterrows():
         link, figures = _run_links(run.get("run_dir"), out)
         cells = [_cell(run["configuration"], "key"), _cell(run.get("seed", "-"))]
         cells += [_cell(run.get(m)) for m in metric_names]
-        cells += [_cell(run.get(metrics.GLOBAL_STEP)), f'<td class="key">{link}</td>', f'<td class="key">{figures}</td>']
+        steps = run.get(metrics.GLOBAL_STEP)
+        cells += [_cell(int(steps) if pd.notna(steps) else None), f'<td class="key">{link}</td>',
+                  f'<td class="key">{figures}</td>']
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return (f'<table id="runs"><thead><tr><th>configuration</th><th>seed</th>{head}<th>steps</th><th>run</th>'
             f"<th>analysis figures</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
