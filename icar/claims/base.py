@@ -59,6 +59,9 @@ class Claim(Generic[N]):
     title: str
     paper: str
     judge: Callable[[N], Verdict]
+    # (CPU-scale numbers, paper-scale numbers) -> what differs between the two records and what the numbers suggest
+    # about why; said in REPRODUCTION.md where the verdict changes with scale
+    across_scales: Callable[[N, N], str] | None = None
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,44 @@ def draw(runs: pd.DataFrame, out: Path) -> tuple[Fig5Numbers, list[Path]]:
     return n, paths
 
 
+def depth_steps(n: Fig5Numbers) -> list[str]:
+    """For each step L-1 -> L: 'falls' when the mean last-position MSE does, 'rises' when it goes up by more than
+    the seeds' spread (max - min) at either depth, else 'flat' (within what the seeds tell apart)."""
+    mse = [n.by_depth[L].mse_last for L in n.depths]
+    spread = [n.by_depth[L].mse_last_max - n.by_depth[L].mse_last_min for L in n.depths]
+    return ["falls" if b < a else "rises" if b - a > max(sa, sb) else "flat"
+            for a, b, sa, sb in zip(mse, mse[1:], spread, spread[1:])]
+
+
+def across_scales(cpu: Fig5Numbers, paper: Fig5Numbers) -> str:
+    """What differs between the CPU-size and the paper-size depth records, from their numbers: the protocol, where
+    depth stops paying at each size, and how much GD itself still gains from one more step there."""
+    parts, stops = [], {}
+    for scale, n in (("CPU", cpu), ("paper", paper)):
+        steps, depths = depth_steps(n), n.depths
+        stop = stops[scale] = next((i for i, step in enumerate(steps) if step != "falls"), None)
+        text = f"at {scale} size (T = {n.T}, {n.steps} steps, {n.seeds} seed(s), L = {depths[0]}..{depths[-1]})"
+        if stop is None:
+            text += f" the model's last-position MSE falls with every added layer up to L = {depths[-1]}"
+        else:
+            a, b = depths[stop], depths[stop + 1]
+            model = n.by_depth[b].mse_last / n.by_depth[a].mse_last - 1
+            gd = n.gd[b][metrics.MSE_LAST] / n.gd[a][metrics.MSE_LAST] - 1
+            text += (f" it stops falling at L = {a} -> {b} ({model:+.1%}, {steps[stop]}), where GD's step {b} "
+                     f"still changes GD's MSE by {gd:+.1%}")
+        ratio = [n.by_depth[L].mse_last / n.gd[L][metrics.MSE_LAST] for L in depths]
+        text += f"; the model over GD with as many steps: {_f(min(ratio))} to {_f(max(ratio))}"
+        parts.append(text)
+    text = "; ".join(parts) + "."
+    if stops["CPU"] is not None and stops["paper"] is None:
+        text += (f" With {paper.T / cpu.T:.1f}x the context and {paper.steps / cpu.steps:.1f}x the optimiser steps "
+                 "depth pays at every L: we read the CPU-size plateau as too little context and training for the "
+                 "deeper models (GD still gains from that step), not as a limit of depth.")
+    elif stops["paper"] is not None:
+        text += " Depth stops paying at the paper's size too, so more context and training do not remove the plateau."
+    return text
+
+
 def judge_fig5(n: Fig5Numbers) -> Verdict:
     """Reproduced when the mean MSE falls with every added layer over at least 3 depths; the evidence says where
     it stops falling, and why only where the numbers show it."""
@@ -92,9 +130,7 @@ def judge_fig5(n: Fig5Numbers) -> Verdict:
     ours += "; averaged over positions: " + ", ".join(f"{_f(n.by_depth[L].mse)}" for L in depths)
     # a step L-1 -> L falls when the mean MSE does; it rises when the mean goes up by more than the seeds' spread at
     # either depth (max - min); otherwise it is flat: within what the seeds tell apart
-    spread = [n.by_depth[L].mse_last_max - n.by_depth[L].mse_last_min for L in depths]
-    steps = ["falls" if b < a else "rises" if b - a > max(sa, sb) else "flat"
-             for a, b, sa, sb in zip(mse, mse[1:], spread, spread[1:])]
+    steps = depth_steps(n)
     falls, rises = steps.count("falls"), steps.count("rises")
     if len(depths) < 3:
         verdict = NOT if rises else PARTLY
@@ -146,5 +182,6 @@ def _why_not(n: Fig5Numbers, depths: list[int], steps: list[str]) -> str:
 
 FIGURE = ClaimFigure(
     name="fig5",
-    claims=(Claim(4, "Depth (Figure 5)", "MSE decreases with L, compared with L steps of GD", judge_fig5),),
+    claims=(Claim(4, "Depth (Figure 5)", "MSE decreases with L, compared with L steps of GD", judge_fig5,
+                  across_scales),),
     numbers=Fig5Numbers, target="make fig5", protocol={Scale.cpu: "fig5_quick", Scale.paper: "fig5"}, draw=draw)

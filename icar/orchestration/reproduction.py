@@ -88,8 +88,16 @@ def render(records: dict[tuple[str, Scale], tuple[Path, FigureRecord]], base: Pa
         changed = ""
         plain = {k: v.strip("*") for k, v in verdicts.items()}
         if "not run yet" not in plain.values() and plain[Scale.paper] != plain[Scale.cpu]:
-            changed = (f"The verdict changes with scale: {plain[Scale.cpu]} at CPU size, {plain[Scale.paper]} at the "
-                       "paper's size; each rule's evidence below says which of its conditions hold at which size.\n\n")
+            changed = (f"**The verdict changes with scale**: {plain[Scale.cpu]} at CPU size, {plain[Scale.paper]} at "
+                       "the paper's size; each rule's evidence below says which of its conditions hold at which size.")
+            if claim.across_scales is not None:
+                try:
+                    cpu, paper = (figure.numbers.from_json(records[(figure.name, s)][1].numbers)
+                                  for s in (Scale.cpu, Scale.paper))
+                    changed += " What differs, " + claim.across_scales(cpu, paper)
+                except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                    pass  # an incomplete record: its evidence says so
+            changed += "\n\n"
         sections.append("\n".join([f"### Claim {claim.number}: {claim.title}", "", changed +
                                     "| scale | ours | verdict | command | time, machine |",
                                     "| --- | --- | --- | --- | --- |", *rows, "", *evidence]))
