@@ -243,3 +243,14 @@ def test_prop2_evidence_explains_the_raw_cosine_only_where_it_is_below_the_align
     old = OLD_NUMBERS["prop2"]
     assert "commutes" in judge_prop2(Prop2Numbers.from_json(old))[2]
     assert "commutes" not in judge_prop2(Prop2Numbers.from_json(old | {"icmap_cosine": 0.9999}))[2]
+
+
+def test_a_protocol_run_with_one_kind_only_makes_claim_7_partly_not_refuted():
+    from icar.claims.softmax_vs_linear import SoftmaxVsLinearNumbers, judge_softmax_vs_linear
+
+    old = OLD_NUMBERS["softmax_vs_linear"]
+    numbers = SoftmaxVsLinearNumbers.from_json(old)
+    assert judge_softmax_vs_linear(numbers)[1] == REPRODUCED
+    missing = {k: (float("nan") if k == "augmented_depth/softmax" else v) for k, v in old.items()}
+    _, verdict, evidence = judge_softmax_vs_linear(SoftmaxVsLinearNumbers.from_json(missing))
+    assert verdict == PARTLY and "Not measured: augmented_depth (softmax)." in evidence
