@@ -17,7 +17,7 @@ figure_command = ICAR_COMMAND="make $(1)$(if $(SCALE), SCALE=$(SCALE))$(if $(ARG
 # RESUME=<sweep folder> (or RESUME=last: the newest of that sweep) continues a sweep in its folder: finished jobs are
 # skipped, interrupted ones resume from their checkpoints, missing ones run (icar/orchestration/resumable.py)
 RESUME ?=
-resume_dir = $(if $(filter last,$(RESUME)),$(or $(lastword $(sort $(wildcard multirun/$(1)/*/))),$(error RESUME=last: no sweep folder below multirun/$(1)/)),$(RESUME))
+resume_dir = $(if $(filter last,$(RESUME)),$(or $(lastword $(sort $(wildcard multirun/$(1)/*/))),$(error RESUME=last: no sweep folder below multirun/$(1)/)),$(if $(RESUME),$(or $(wildcard $(RESUME)),$(error RESUME=$(RESUME): no such sweep folder (give the folder of the sweep to continue, or RESUME=last)))))
 resume_arg = $(if $(RESUME),hydra.sweep.dir=$(patsubst %/,%,$(call resume_dir,$(1))))
 # ... and keeps its record under results/<figure>/<scale>/ (committed: make reproduction reads only those)
 figure_sweep = $(call figure_command,$(1)) $(PY) scripts/train.py -m --config-dir sweeps --config-name $(2)$(FIG_SUFFIX) $(call resume_arg,$(2)$(FIG_SUFFIX)) $(ARGS) \

@@ -141,15 +141,19 @@ def test_a_folder_of_another_config_is_refused_not_overwritten(tmp_path, make_cf
     assert earlier_outcome(tmp_path, cfg) is None and cfg.ckpt_path is None  # same experiment, nothing to resume
 
 
-def test_make_resume_continues_the_named_sweep_folder_and_keeps_its_record():
+def test_make_resume_continues_the_named_sweep_folder_and_keeps_its_record(tmp_path):
     def dry_run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=60, env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")})
 
-    proc = dry_run("fig5", "SCALE=paper", "RESUME=/data/multirun/fig5/2026-12-05_10-00-00/")
+    sweep = tmp_path / "multirun" / "fig5" / "2026-12-05_10-00-00"
+    sweep.mkdir(parents=True)
+    proc = dry_run("fig5", "SCALE=paper", f"RESUME={sweep}/")
     assert proc.returncode == 0, proc.stderr
-    assert "--config-name fig5 hydra.sweep.dir=/data/multirun/fig5/2026-12-05_10-00-00 " in proc.stdout
-    assert "reproduction.py --keep /data/multirun/fig5/2026-12-05_10-00-00/" in proc.stdout  # its record, not another
+    assert f"--config-name fig5 hydra.sweep.dir={sweep} " in proc.stdout
+    assert f"reproduction.py --keep {sweep}/" in proc.stdout  # its record, not another's
+    typo = dry_run("fig5", "SCALE=paper", f"RESUME={sweep}x")  # a typo never starts a new sweep silently
+    assert typo.returncode != 0 and f"RESUME={sweep}x: no such sweep folder" in typo.stderr
     if (REPO / "multirun" / "sweep_d_quick").exists():
         return  # this checkout has run that sweep: RESUME=last would find it
     missing = dry_run("sweep-d", "SCALE=cpu", "RESUME=last", "VENV=/nonexistent-venv")
