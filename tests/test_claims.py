@@ -254,3 +254,13 @@ def test_a_protocol_run_with_one_kind_only_makes_claim_7_partly_not_refuted():
     missing = {k: (float("nan") if k == "augmented_depth/softmax" else v) for k, v in old.items()}
     _, verdict, evidence = judge_softmax_vs_linear(SoftmaxVsLinearNumbers.from_json(missing))
     assert verdict == PARTLY and "Not measured: augmented_depth (softmax)." in evidence
+
+
+def test_the_committed_reproduction_md_is_what_the_committed_records_render():
+    """`make reproduction` on a clean clone trains nothing and rewrites REPRODUCTION.md unchanged: every row comes
+    from a record under results/ (regenerate it after keeping a new record)."""
+    from icar.orchestration.reproduction import newest_records, render
+
+    records = newest_records([REPO / "results"])
+    assert {scale for _, scale in records} == {Scale.cpu, Scale.paper}
+    assert render(records, REPO) == (REPO / "REPRODUCTION.md").read_text()
